@@ -1,0 +1,194 @@
+"""Sliding-window inference with Gaussian blending (pure NumPy, backend-neutral).
+
+The volume is tiled by windows of ``roi_size`` placed as in nnU-Net: the first window starts at 0,
+the last one ends at the volume's edge, and the windows in between are evenly spaced with a step of at
+most ``roi * (1 - overlap)``. Windows are sent to ``predict_fn`` ``sw_batch_size`` at a time, each
+prediction is weighted by a Gaussian importance map (sigma = ``roi * sigma_scale``) and accumulated in
+place into one float32 buffer, which is then normalised in place by the summed weights.
+
+Memory: besides the input, one ``(D, H, W, K)`` float32 buffer and one ``(D, H, W)`` float32 weight
+map are allocated; volumes smaller than the window are padded (a copy of the small volume only).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+
+PredictFn = Callable[[np.ndarray], np.ndarray]
+
+
+def _as_roi(roi_size: int | Sequence[int]) -> tuple[int, int, int]:
+    """Validate ``roi_size`` and return it as three positive ints."""
+    roi = (roi_size,) * 3 if isinstance(roi_size, (int, np.integer)) else tuple(roi_size)
+    if len(roi) != 3 or any(int(r) != r or r < 1 for r in roi):
+        raise ValueError(f"roi_size must be three positive integers, got {roi_size!r}.")
+    return tuple(int(r) for r in roi)
+
+
+@lru_cache(maxsize=8)
+def gaussian_importance_map(
+    roi_size: tuple[int, int, int], sigma_scale: float = 0.125
+) -> np.ndarray:
+    """Gaussian weights for one window, peak 1 at the centre (as nnU-Net: sigma = roi * sigma_scale).
+
+    Args:
+        roi_size: Window size ``(d, h, w)``.
+        sigma_scale: Sigma as a fraction of the window size along each axis.
+
+    Returns:
+        ``(d, h, w)`` float32 weights in ``(0, 1]`` (read-only; cached per roi). Strictly positive,
+        so every voxel covered by a window gets a positive total weight.
+    """
+    if not sigma_scale > 0:
+        raise ValueError(f"sigma_scale must be > 0, got {sigma_scale!r}.")
+    axes = []
+    for r in roi_size:
+        sigma = r * sigma_scale
+        x = np.arange(r, dtype=np.float64) - (r // 2)
+        axes.append(np.exp(-0.5 * (x / sigma) ** 2))
+    g = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    g /= g.max()
+    g = np.maximum(g, np.finfo(np.float32).tiny * 1e6).astype(np.float32)
+    g.setflags(write=False)
+    return g
+
+
+def window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Start positions along one axis (``size >= roi``), first at 0 and last at ``size - roi``.
+
+    Args:
+        size: Length of the (padded) volume along the axis.
+        roi: Window length along the axis.
+        overlap: Fraction of the window shared by neighbours, in ``[0, 1)``.
+
+    Returns:
+        Sorted, de-duplicated start indices.
+    """
+    step = max(roi * (1.0 - overlap), 1.0)
+    n = int(np.ceil((size - roi) / step)) + 1
+    if n == 1:
+        return [0]
+    return sorted({int(round(s)) for s in np.linspace(0, size - roi, n)})
+
+
+def _window_slices(shape: Sequence[int], roi: Sequence[int], overlap: float) -> list[tuple]:
+    """All window slices over a volume of ``shape`` (>= roi on every axis), in C order."""
+    starts = [window_starts(s, r, overlap) for s, r in zip(shape, roi, strict=True)]
+    return [
+        tuple(slice(p, p + r) for p, r in zip(pos, roi, strict=True))
+        for pos in itertools.product(*starts)
+    ]
+
+
+def _batches(volume: np.ndarray, slices: list[tuple], size: int) -> Iterator[tuple[list, np.ndarray]]:
+    """Yield ``(slices, windows)`` with windows stacked as a float32 ``(B, *roi, C)`` batch."""
+    for i in range(0, len(slices), size):
+        chunk = slices[i : i + size]
+        yield chunk, np.stack([volume[s] for s in chunk]).astype(np.float32, copy=False)
+
+
+def sliding_window_inference(
+    volume: np.ndarray,
+    predict_fn: PredictFn,
+    roi_size: int | Sequence[int],
+    *,
+    overlap: float = 0.5,
+    sw_batch_size: int = 2,
+    sigma_scale: float = 0.125,
+    num_classes: int | None = None,
+    pad_value: float = 0.0,
+    progress: bool = False,
+) -> np.ndarray:
+    """Predict a whole volume by blending Gaussian-weighted window predictions.
+
+    Args:
+        volume: ``(D, H, W, C)`` image (any size; cast to float32 window by window).
+        predict_fn: Maps a float32 batch ``(B, *roi_size, C)`` to ``(B, *roi_size, K)`` class
+            probabilities (softmax already applied). ``B <= sw_batch_size``. It is called from one
+            worker thread, so the next batch is predicted while the last one is accumulated.
+        roi_size: Window size ``(d, h, w)`` or one int for all axes.
+        overlap: Fraction of a window shared with its neighbour along each axis, in ``[0, 1)``.
+        sw_batch_size: Windows per ``predict_fn`` call.
+        sigma_scale: Gaussian sigma as a fraction of ``roi_size`` (nnU-Net: 1/8).
+        num_classes: ``K``; checked against the predictions when given.
+        pad_value: Value used to pad volumes smaller than the window (0 = the mean after z-scoring).
+        progress: Show a tqdm bar over windows.
+
+    Returns:
+        ``(D, H, W, K)`` float32 probabilities (weighted mean of the overlapping predictions).
+
+    Raises:
+        ValueError: On a bad argument or a prediction of the wrong shape; the message quotes it.
+    """
+    if not isinstance(volume, np.ndarray) or volume.ndim != 4:
+        raise ValueError(
+            f"volume must be a (D, H, W, C) numpy array, got {type(volume).__name__} "
+            f"with shape {getattr(volume, 'shape', None)}."
+        )
+    roi = _as_roi(roi_size)
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}.")
+    if int(sw_batch_size) != sw_batch_size or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be a positive integer, got {sw_batch_size!r}.")
+    shape = volume.shape[:3]
+    pads = [(0, max(r - s, 0)) for s, r in zip(shape, roi, strict=True)]
+    if any(p[1] for p in pads):
+        volume = np.pad(volume, [*pads, (0, 0)], constant_values=pad_value)
+    padded = volume.shape[:3]
+    gauss = gaussian_importance_map(roi, float(sigma_scale))
+    slices = _window_slices(padded, roi, overlap)
+
+    weights = np.zeros(padded, dtype=np.float32)
+    for s in slices:
+        weights[s] += gauss
+    out = None
+    bar = _progress_bar(len(slices), progress)
+    batches = _batches(volume, slices, int(sw_batch_size))
+    # One worker runs predict_fn (TF/JAX release the GIL), so the main thread stacks the next
+    # windows and accumulates the last predictions meanwhile.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for chunk, windows in itertools.chain(batches, [(None, None)]):
+            future = pool.submit(predict_fn, windows) if chunk is not None else None
+            if pending is not None:
+                out = _accumulate(out, pending, gauss, padded, roi, num_classes)
+                bar.update(len(pending[0]))
+            pending = (chunk, future) if chunk is not None else None
+    bar.close()
+    out /= weights[..., None]
+    if any(p[1] for p in pads):
+        out = np.ascontiguousarray(out[tuple(slice(0, s) for s in shape)])
+    return out
+
+
+def _accumulate(out, pending, gauss, padded, roi, num_classes):
+    """Add the Gaussian-weighted predictions of one batch into ``out`` (allocated on first use)."""
+    chunk, future = pending
+    pred = np.asarray(future.result())
+    if pred.ndim != 5 or pred.shape[0] != len(chunk) or tuple(pred.shape[1:4]) != roi:
+        raise ValueError(
+            f"predict_fn must return ({len(chunk)}, {', '.join(map(str, roi))}, K) "
+            f"probabilities, got shape {pred.shape}."
+        )
+    k = pred.shape[-1]
+    if num_classes is not None and k != num_classes:
+        raise ValueError(f"predict_fn returned {k} classes, expected num_classes={num_classes}.")
+    if out is None:
+        out = np.zeros((*padded, k), dtype=np.float32)
+    g = gauss[..., None]
+    for s, p in zip(chunk, pred, strict=True):
+        region = out[s]
+        region += p * g
+    return out
+
+
+def _progress_bar(total: int, enabled: bool):
+    """A tqdm bar over windows, or a no-op stand-in when disabled."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="windows", unit="win", leave=False, disable=not enabled)

@@ -1,0 +1,117 @@
+"""Tests of the pure sliding-window inference (NumPy only, no model)."""
+
+import numpy as np
+import pytest
+
+from segshare.inference.sliding_window import (
+    gaussian_importance_map,
+    sliding_window_inference,
+    window_starts,
+)
+
+
+def identity(batch: np.ndarray) -> np.ndarray:
+    return batch.copy()
+
+
+def one_hot_of_channel0(num_classes: int):
+    def fn(batch: np.ndarray) -> np.ndarray:
+        labels = np.rint(batch[..., 0]).astype(int)
+        return np.eye(num_classes, dtype=np.float32)[labels]
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "shape,roi,overlap,sw",
+    [
+        ((33, 34, 35), (16, 16, 16), 0.5, 2),
+        ((33, 34, 35), (16, 12, 20), 0.25, 3),
+        ((7, 40, 9), (16, 16, 16), 0.5, 4),  # smaller than the window on two axes
+        ((16, 16, 16), (16, 16, 16), 0.5, 1),  # exactly one window
+        ((31, 17, 23), (8, 8, 8), 0.0, 5),  # no overlap, last window shifted back
+    ],
+)
+def test_identity_model_reproduces_input(shape, roi, overlap, sw):
+    rng = np.random.default_rng(0)
+    volume = rng.normal(size=(*shape, 2)).astype(np.float32)
+    out = sliding_window_inference(volume, identity, roi, overlap=overlap, sw_batch_size=sw)
+    assert out.shape == volume.shape
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, volume, rtol=1e-5, atol=1e-5)
+
+
+def test_one_hot_model_reproduces_labels_exactly():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, size=(33, 34, 35))
+    volume = labels[..., None].astype(np.float32)
+    out = sliding_window_inference(volume, one_hot_of_channel0(3), 16, num_classes=3)
+    assert out.shape == (33, 34, 35, 3)
+    np.testing.assert_array_equal(out.argmax(-1), labels)
+    np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-5)
+
+
+def test_windows_are_batched():
+    sizes = []
+
+    def fn(batch):
+        sizes.append(batch.shape[0])
+        return batch
+
+    sliding_window_inference(np.zeros((32, 32, 33, 1), np.float32), fn, 16, sw_batch_size=5)
+    # 3 x 3 x 4 starts -> 36 windows -> 7 full batches of 5 and one of 1.
+    assert sizes == [5] * 7 + [1]
+
+
+def test_gaussian_weights_blend_position_dependent_predictions():
+    """A model that returns the window-local coordinate: the centre must dominate the blend."""
+
+    def fn(batch):
+        out = np.zeros((*batch.shape[:4], 1), np.float32)
+        out[..., 0] = np.arange(batch.shape[1])[None, :, None, None]
+        return out
+
+    out = sliding_window_inference(np.zeros((24, 8, 8, 1), np.float32), fn, (16, 8, 8))
+    # Windows start at 0 and 8; voxel 12 is local 12 in the first and local 4 in the second
+    # window, equally far from the centres (8): the Gaussian blend gives the mean, 8.
+    np.testing.assert_allclose(out[12, 4, 4, 0], 8.0, atol=1e-4)
+    # Voxel 10: local 10 (2 from centre) vs local 2 (6 from centre): near the first window's value.
+    assert 9.0 < out[10, 4, 4, 0] < 10.0
+
+
+def test_gaussian_map_peak_and_sigma():
+    g = gaussian_importance_map((16, 16, 16), 0.125)
+    assert g.max() == pytest.approx(1.0)
+    assert np.unravel_index(g.argmax(), g.shape) == (8, 8, 8)
+    # sigma = 2 voxels: one sigma from the centre along one axis -> exp(-1/2).
+    assert g[10, 8, 8] == pytest.approx(np.exp(-0.5), rel=1e-5)
+    assert g.min() > 0
+
+
+def test_window_starts_cover_the_axis():
+    assert window_starts(160, 64, 0.5) == [0, 32, 64, 96]
+    assert window_starts(33, 16, 0.5) == [0, 6, 11, 17]
+    assert window_starts(32, 16, 0.5) == [0, 8, 16]
+    assert window_starts(16, 16, 0.5) == [0]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"overlap": 1.0}, "overlap must be in"),
+        ({"sw_batch_size": 0}, "sw_batch_size"),
+        ({"num_classes": 5}, "expected num_classes=5"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sliding_window_inference(np.zeros((8, 8, 8, 1), np.float32), identity, 8, **kwargs)
+
+
+def test_bad_volume_and_prediction_shape():
+    with pytest.raises(ValueError, match=r"\(D, H, W, C\)"):
+        sliding_window_inference(np.zeros((8, 8, 8), np.float32), identity, 8)
+    with pytest.raises(ValueError, match="predict_fn must return"):
+        sliding_window_inference(np.zeros((8, 8, 8, 1), np.float32), lambda b: b[:, :4], 8)
+    with pytest.raises(ValueError, match="roi_size"):
+        sliding_window_inference(np.zeros((8, 8, 8, 1), np.float32), identity, (8, 8))
