@@ -1,10 +1,11 @@
 """Sliding-window inference with Gaussian blending (pure NumPy, backend-neutral).
 
-The volume is tiled by windows of ``roi_size`` placed as in nnU-Net: the first window starts at 0,
-the last one ends at the volume's edge, and the windows in between are evenly spaced with a step of at
-most ``roi * (1 - overlap)``. Windows are sent to ``predict_fn`` ``sw_batch_size`` at a time, each
-prediction is weighted by a Gaussian importance map (sigma = ``roi * sigma_scale``) and accumulated in
-place into one float32 buffer, which is then normalised in place by the summed weights.
+The volume is tiled by windows of ``roi_size`` placed as in nnU-Net: the first window starts at
+0, the last one ends at the volume's edge, and the windows in between are evenly spaced with a step
+of at most ``roi * (1 - overlap)``. Windows are sent to ``predict_fn`` ``sw_batch_size`` at a time,
+each prediction is weighted by a Gaussian importance map (sigma = ``roi * sigma_scale``) and
+accumulated in place into one float32 buffer, which is then normalised in place by the summed
+weights.
 
 Memory: besides the input, one ``(D, H, W, K)`` float32 buffer and one ``(D, H, W)`` float32 weight
 map are allocated; volumes smaller than the window are padded (a copy of the small volume only).
@@ -34,7 +35,7 @@ def _as_roi(roi_size: int | Sequence[int]) -> tuple[int, int, int]:
 def gaussian_importance_map(
     roi_size: tuple[int, int, int], sigma_scale: float = 0.125
 ) -> np.ndarray:
-    """Gaussian weights for one window, peak 1 at the centre (as nnU-Net: sigma = roi * sigma_scale).
+    """Gaussian weights for one window, peak 1 at the centre (nnU-Net: sigma = roi * sigma_scale).
 
     Args:
         roi_size: Window size ``(d, h, w)``.
@@ -85,7 +86,9 @@ def _window_slices(shape: Sequence[int], roi: Sequence[int], overlap: float) -> 
     ]
 
 
-def _batches(volume: np.ndarray, slices: list[tuple], size: int) -> Iterator[tuple[list, np.ndarray]]:
+def _batches(
+    volume: np.ndarray, slices: list[tuple], size: int
+) -> Iterator[tuple[list, np.ndarray]]:
     """Yield ``(slices, windows)`` with windows stacked as a float32 ``(B, *roi, C)`` batch."""
     for i in range(0, len(slices), size):
         chunk = slices[i : i + size]
