@@ -1,0 +1,128 @@
+"""Per-case, per-label segmentation metrics: a pure function and a thin accumulating class.
+
+Every metric and its empty-case convention is defined in ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+from segshare.evaluation.overlap import OVERLAP_METRICS, _as_label_array, overlap_metrics
+from segshare.evaluation.surface import SURFACE_METRICS, check_spacing, surface_metrics
+
+#: Every per-label metric, in report order.
+ALL_METRICS = OVERLAP_METRICS + SURFACE_METRICS + ("VolDiff_ml", "VolDiff_pct")
+
+
+def compute_case_metrics(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    labels: Sequence[int],
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    *,
+    nsd_tolerance_mm: float = 1.0,
+    hd95: str = "monai",
+) -> dict[int, dict[str, float]]:
+    """All metrics of one case.
+
+    Args:
+        pred: predicted label map ``(D, H, W)``, non-negative integers.
+        ref: reference label map ``(D, H, W)``.
+        labels: positive label values to score.
+        spacing: voxel spacing in mm along the three array axes.
+        nsd_tolerance_mm: tolerance of the normalised surface Dice, in mm.
+        hd95: ``"monai"`` (max of the directed 95th percentiles) or ``"medpy"`` (pooled).
+
+    Returns:
+        ``{label: {metric: value}}`` with the metrics of :data:`ALL_METRICS`.
+    """
+    pred = _as_label_array(pred, "pred")
+    ref = _as_label_array(ref, "ref")
+    if pred.shape != ref.shape:
+        raise ValueError(f"pred and ref shapes differ: {pred.shape} vs {ref.shape}.")
+    spacing = check_spacing(spacing, ref.ndim)
+    labels = [int(label) for label in labels]
+    overlap = overlap_metrics(pred, ref, labels, voxel_volume_mm3=float(np.prod(spacing)))
+    surface = surface_metrics(
+        pred, ref, labels, spacing, nsd_tolerance_mm=nsd_tolerance_mm, hd95_variant=hd95
+    )
+    merged = {label: {**overlap[label], **surface[label]} for label in labels}
+    return {label: {m: merged[label][m] for m in ALL_METRICS} for label in labels}
+
+
+def nanmean(values: Sequence[float]) -> float:
+    """Mean ignoring NaN (as nnU-Net's ``np.nanmean``); NaN when all values are NaN or none."""
+    arr = np.asarray(list(values), dtype=float)
+    if arr.size == 0 or np.isnan(arr).all():
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(arr))
+
+
+def aggregate_means(
+    per_case: Sequence[dict[int, dict[str, float]]], labels: Sequence[int]
+) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+    """nnU-Net's ``mean`` (nanmean over cases, per label) and ``foreground_mean``.
+
+    ``foreground_mean`` is the plain mean of the per-label means over every label except 0
+    (as nnU-Net computes it), so a label whose mean is NaN makes it NaN.
+
+    Returns:
+        ``(mean, foreground_mean)``: ``{label: {metric: value}}`` and ``{metric: value}``.
+    """
+    mean = {
+        int(label): {m: nanmean([case[label][m] for case in per_case]) for m in ALL_METRICS}
+        for label in labels
+    }
+    fg = [label for label in labels if label != 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        foreground = {
+            m: float(np.mean([mean[label][m] for label in fg])) if fg else float("nan")
+            for m in ALL_METRICS
+        }
+    return mean, foreground
+
+
+class SegmentationMetrics:
+    """Thin accumulator over :func:`compute_case_metrics` (MONAI-style ``__call__``/``aggregate``).
+
+    Example:
+        >>> metric = SegmentationMetrics(labels=[1, 2], nsd_tolerance_mm=2.0)
+        >>> per_label = metric(pred, ref, spacing=(1.0, 1.0, 2.0))  # doctest: +SKIP
+        >>> mean, foreground_mean = metric.aggregate()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, labels: Sequence[int], *, nsd_tolerance_mm: float = 1.0, hd95: str = "monai"
+    ) -> None:
+        if not labels:
+            raise ValueError(f"labels must name at least one label, got {labels!r}.")
+        if nsd_tolerance_mm < 0:
+            raise ValueError(f"nsd_tolerance_mm must be >= 0, got {nsd_tolerance_mm}.")
+        self.labels = [int(label) for label in labels]
+        self.nsd_tolerance_mm = float(nsd_tolerance_mm)
+        self.hd95 = hd95
+        self.results: list[dict[int, dict[str, float]]] = []
+
+    def __call__(
+        self, pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+    ) -> dict[int, dict[str, float]]:
+        """Scores one case, stores and returns ``{label: {metric: value}}``."""
+        result = compute_case_metrics(
+            pred, ref, self.labels, spacing, nsd_tolerance_mm=self.nsd_tolerance_mm, hd95=self.hd95
+        )
+        self.results.append(result)
+        return result
+
+    def aggregate(self) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+        """``(mean, foreground_mean)`` over the stored cases; see :func:`aggregate_means`."""
+        return aggregate_means(self.results, self.labels)
+
+    def reset(self) -> None:
+        """Forgets the stored cases."""
+        self.results.clear()
