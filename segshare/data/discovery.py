@@ -1,0 +1,232 @@
+"""Find the cases of a dataset folder: MSD layout, nnU-Net raw layout, or a plain pair of folders.
+
+Layouts read:
+
+* **MSD**: ``dataset.json`` with a ``training`` list of ``{"image": ..., "label": ...}`` (paths
+  relative to the root); an image may be 4D with channels last.
+* **nnU-Net raw**: ``imagesTr/{case}_{XXXX}.nii.gz`` (one file per channel),
+  ``labelsTr/{case}.nii.gz``, ``dataset.json`` with ``channel_names``, ``labels``, ``file_ending``.
+* **plain**: ``imagesTr/`` and ``labelsTr/`` (or ``images/`` and ``labels/``) with equal file names.
+
+Discovery reads no voxel data. What it cannot make sense of (a missing label, a path outside the
+root, a malformed ``dataset.json``) is recorded in ``Dataset.problems`` for validation to report
+together with everything else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from segshare.data.io import is_nifti_path, read_json, strip_nifti_suffix
+
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+_FOLDER_PAIRS = (("imagesTr", "labelsTr"), ("images", "labels"))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One scan: its image file(s) (one per channel, or one 4D file) and optional label map."""
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path | None = None
+
+
+@dataclass
+class Dataset:
+    """A discovered dataset.
+
+    Attributes:
+        root: the dataset folder.
+        cases: cases sorted by ``case_id``.
+        labels: label name -> integer value (nnU-Net v2 convention), background included.
+            Empty when the folder carries no ``dataset.json`` (filled from the data later).
+        channel_names: channel index (as a string) -> modality name, e.g. ``{"0": "CT"}``.
+        file_ending: ``.nii.gz`` or ``.nii``.
+        problems: ``(path, message)`` pairs found while discovering (reported by validation).
+    """
+
+    root: Path
+    cases: list[Case]
+    labels: dict[str, int]
+    channel_names: dict[str, str]
+    file_ending: str
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def case_ids(self) -> list[str]:
+        """The case identifiers, in order."""
+        return [c.case_id for c in self.cases]
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_path(p.name))
+
+
+def _group_channels(files: list[Path]) -> list[Case]:
+    """Group ``{case}_{XXXX}`` files into one Case per case (channels sorted), else one per file."""
+    stems = [strip_nifti_suffix(p.name) for p in files]
+    matches = [_CHANNEL_RE.match(s) for s in stems]
+    if files and all(matches):
+        groups: dict[str, list[tuple[int, Path]]] = {}
+        for m, p in zip(matches, files, strict=True):
+            groups.setdefault(m["case"], []).append((int(m["channel"]), p))
+        return [
+            Case(cid, tuple(p for _, p in sorted(chans))) for cid, chans in sorted(groups.items())
+        ]
+    return sorted(
+        (Case(s, (p,)) for s, p in zip(stems, files, strict=True)), key=lambda c: c.case_id
+    )
+
+
+def discover_images(path: str | os.PathLike) -> list[Case]:
+    """List the scans to predict on.
+
+    Args:
+        path: a NIfTI file, a folder of NIfTI files, or a dataset folder with ``imagesTs/`` or
+            ``imagesTr/`` (``imagesTs`` preferred). nnU-Net ``{case}_{XXXX}`` channel files are
+            grouped into one Case.
+
+    Returns:
+        Cases without labels, sorted by ``case_id``.
+
+    Raises:
+        ValueError: the path does not exist, or holds no NIfTI file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: input path does not exist")
+    if path.is_file():
+        if not is_nifti_path(path.name):
+            raise ValueError(f"{path}: not a NIfTI file name (expected .nii or .nii.gz)")
+        return [Case(strip_nifti_suffix(path.name), (path,))]
+    for sub in ("imagesTs", "imagesTr"):
+        if (path / sub).is_dir():
+            path = path / sub
+            break
+    files = _nifti_files(path)
+    if not files:
+        raise ValueError(f"{path}: no .nii or .nii.gz files found")
+    return _group_channels(files)
+
+
+def _labels_from_json(meta: dict, problems: list[tuple[str, str]], where: str) -> dict[str, int]:
+    """nnU-Net v2 ``{"name": int}`` or MSD ``{"0": "name"}`` -> ``{"name": int}``."""
+    raw = meta.get("labels", {})
+    labels: dict[str, int] = {}
+    if not isinstance(raw, dict):
+        problems.append((where, f"'labels' must be a mapping, got {raw!r}"))
+        return labels
+    for key, value in raw.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            labels[str(key)] = value
+        elif str(key).lstrip("-").isdigit():
+            labels[str(value)] = int(key)
+        else:
+            problems.append((where, f"label entry {key!r}: {value!r} is not name->integer"))
+    return labels
+
+
+def _inside(root: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _msd_cases(root: Path, meta: dict, problems: list[tuple[str, str]]) -> list[Case]:
+    """Cases of the ``training`` list; a listed image that is absent may exist as channel files."""
+    json_path = str(root / "dataset.json")
+    cases = []
+    for i, entry in enumerate(meta["training"]):
+        if not isinstance(entry, dict) or "image" not in entry:
+            problems.append((json_path, f"training[{i}] has no 'image': {entry!r}"))
+            continue
+        image = root / entry["image"]
+        label = root / entry["label"] if entry.get("label") else None
+        for p in (image, label):
+            if p is not None and not _inside(root, p):
+                problems.append(
+                    (str(p), f"path in dataset.json points outside the dataset root {root}")
+                )
+        case_id = strip_nifti_suffix(image.name)
+        images: tuple[Path, ...] = (image,)
+        if not image.exists():
+            ending = ".nii.gz" if image.name.endswith(".gz") else ".nii"
+            channels = sorted(image.parent.glob(f"{case_id}_[0-9][0-9][0-9][0-9]{ending}"))
+            if channels:
+                images = tuple(channels)
+        cases.append(Case(case_id, images, label))
+    return cases
+
+
+def _paired_cases(root: Path, img_dir: Path, lbl_dir: Path, problems: list) -> list[Case]:
+    """nnU-Net raw / plain pair: images grouped by channel suffix, labels matched by case id."""
+    cases = _group_channels(_nifti_files(img_dir))
+    label_files = (
+        {strip_nifti_suffix(p.name): p for p in _nifti_files(lbl_dir)} if lbl_dir.is_dir() else {}
+    )
+    out = []
+    for case in cases:
+        label = label_files.pop(case.case_id, None)
+        if label is None and lbl_dir.is_dir():
+            problems.append(
+                (str(case.images[0]), f"no label file for case {case.case_id!r} in {lbl_dir}")
+            )
+        out.append(Case(case.case_id, case.images, label))
+    for cid, path in sorted(label_files.items()):
+        problems.append((str(path), f"label without an image (case {cid!r})"))
+    return out
+
+
+def discover_dataset(root: str | os.PathLike) -> Dataset:
+    """Discover a training dataset (MSD, nnU-Net raw, or a plain pair of folders).
+
+    Args:
+        root: the dataset folder.
+
+    Returns:
+        The Dataset; problems found on the way are in ``Dataset.problems``.
+
+    Raises:
+        ValueError: ``root`` is not a folder, or holds no recognised layout.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: dataset folder does not exist")
+    problems: list[tuple[str, str]] = []
+    meta: dict = {}
+    json_path = root / "dataset.json"
+    if json_path.exists():
+        try:
+            meta = read_json(json_path)
+            if not isinstance(meta, dict):
+                raise ValueError(f"{json_path}: top level must be an object")
+        except ValueError as err:
+            problems.append((str(json_path), str(err).removeprefix(f"{json_path}: ")))
+            meta = {}
+    labels = _labels_from_json(meta, problems, str(json_path))
+    channels = meta.get("channel_names") or meta.get("modality") or {"0": "image"}
+    channel_names = {str(k): str(v) for k, v in channels.items()}
+    file_ending = meta.get("file_ending", ".nii.gz")
+    if isinstance(meta.get("training"), list):
+        cases = _msd_cases(root, meta, problems)
+    else:
+        pair = next(((root / a, root / b) for a, b in _FOLDER_PAIRS if (root / a).is_dir()), None)
+        if pair is None:
+            raise ValueError(
+                f"{root}: no dataset found (expected dataset.json with a 'training' list, "
+                "or imagesTr/ + labelsTr/ folders)"
+            )
+        cases = _paired_cases(root, *pair, problems)
+    cases.sort(key=lambda c: c.case_id)
+    seen: set[str] = set()
+    for c in cases:
+        if c.case_id in seen:
+            problems.append((str(c.images[0]), f"duplicate case id {c.case_id!r}"))
+        seen.add(c.case_id)
+    return Dataset(root, cases, labels, channel_names, file_ending, problems)

@@ -1,0 +1,148 @@
+"""NIfTI, NumPy and JSON input/output with clear errors and atomic writes.
+
+Every writer here writes to a temporary name in the destination folder and then
+``os.replace``-s it into place, so an interrupted run never leaves a half-written file
+under the final name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class NiftiReadError(ValueError):
+    """A file could not be read as a NIfTI image; the message names the file."""
+
+
+def is_nifti_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` has a NIfTI file name (``.nii`` or ``.nii.gz``)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def strip_nifti_suffix(name: str) -> str:
+    """``"case_0000.nii.gz"`` -> ``"case_0000"``; other names unchanged."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
+    """Open a NIfTI file (header only; the voxel data stays on disk until read).
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+
+    Returns:
+        The image, as a NIfTI-1 image (NIfTI-2 files are converted).
+
+    Raises:
+        NiftiReadError: the file is missing, unreadable, not NIfTI or has a corrupt header.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise NiftiReadError(f"{path}: file does not exist")
+    if not path.is_file():
+        raise NiftiReadError(f"{path}: not a regular file")
+    try:
+        img = nib.load(str(path))
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise NiftiReadError(f"{path}: truncated or corrupt gzip data ({err})") from err
+    except nib.filebasedimages.ImageFileError as err:
+        raise NiftiReadError(f"{path}: not a NIfTI image ({err})") from err
+    except Exception as err:  # nibabel raises many types for malformed headers
+        raise NiftiReadError(
+            f"{path}: unreadable NIfTI header ({type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise NiftiReadError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
+    return img
+
+
+def read_voxels(img: nib.Nifti1Image, path: str | os.PathLike) -> np.ndarray:
+    """Read an image's voxel data as float32 (scaling applied), with clear errors.
+
+    Args:
+        img: an image from :func:`load_nifti`.
+        path: the file it came from (for messages).
+
+    Returns:
+        The array in the file's voxel order, ``(I, J, K)`` or ``(I, J, K, C)``, float32.
+
+    Raises:
+        NiftiReadError: truncated file or corrupt gzip stream.
+    """
+    try:
+        return np.asarray(img.dataobj, dtype=np.float32)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise NiftiReadError(f"{path}: truncated or corrupt gzip data ({err})") from err
+    except (OSError, ValueError) as err:
+        raise NiftiReadError(f"{path}: cannot read voxel data ({err})") from err
+
+
+@contextmanager
+def _atomic_target(path: Path, suffix: str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it onto ``path`` on success, delete on error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
+    """Write a NIfTI image atomically (temporary file in the same folder, then ``os.replace``).
+
+    The temporary name keeps the ``.nii``/``.nii.gz`` ending so nibabel compresses correctly.
+    """
+    path = Path(path)
+    if not is_nifti_path(path):
+        raise ValueError(f"{path}: a NIfTI output must end in .nii or .nii.gz")
+    suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
+    with _atomic_target(path, suffix) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def save_npy_atomic(array: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a ``.npy`` file atomically (memory-mappable with ``np.load(mmap_mode="r")``)."""
+    path = Path(path)
+    with _atomic_target(path, ".npy") as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array))
+    return path
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """Write JSON atomically (indented, keys in insertion order)."""
+    path = Path(path)
+    with _atomic_target(path, ".json") as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    return path
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; a malformed one raises ``ValueError`` naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err

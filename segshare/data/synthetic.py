@@ -1,0 +1,190 @@
+"""Synthetic 3D phantom datasets in the nnU-Net raw layout (the built-in default dataset).
+
+Each case is a "body" ellipsoid holding a few labelled ellipsoid "organs", with smooth texture,
+Gaussian noise and a multiplicative bias field; voxel spacings vary between cases and the affines
+are not the identity (a small rotation and, for some cases, flipped axes: LPS-like orientation).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from segshare.data.io import save_nifti_atomic, write_json_atomic
+
+ORGANS = ("liver", "kidney", "spleen")
+
+
+def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    """A random rotation matrix with angles up to ``max_deg`` about each axis."""
+    ax, ay, az = np.deg2rad(rng.uniform(-max_deg, max_deg, 3))
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def make_affine(
+    spacing: tuple[float, float, float],
+    rng: np.random.Generator,
+    max_deg: float = 10.0,
+    flip: bool = False,
+) -> np.ndarray:
+    """A 4x4 voxel-to-world affine: spacing, a small rotation, optional LPS flip."""
+    lin = _rotation(rng, max_deg) @ np.diag(spacing)
+    if flip:
+        lin = np.diag([-1.0, -1.0, 1.0]) @ lin
+    aff = np.eye(4)
+    aff[:3, :3] = lin
+    aff[:3, 3] = rng.uniform(-50, 50, 3)
+    return aff
+
+
+def _ellipsoid(shape: tuple[int, ...], center: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    grids = np.ogrid[tuple(slice(0, s) for s in shape)]
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, center, radii, strict=True)) <= 1.0
+
+
+def make_phantom(
+    shape: tuple[int, int, int],
+    rng: np.random.Generator,
+    num_organs: int = 2,
+    ct_like: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One phantom volume and its label map.
+
+    Args:
+        shape: ``(D, H, W)`` voxels.
+        rng: the random generator.
+        num_organs: labelled organs (labels 1..num_organs).
+        ct_like: Hounsfield-like intensities (air -1000 outside the body) instead of MR-like
+            (0 outside the body, so cropping to the nonzero box has something to remove).
+
+    Returns:
+        image ``(D, H, W)`` float32 and label ``(D, H, W)`` uint8.
+    """
+    shape_arr = np.asarray(shape, dtype=float)
+    body = _ellipsoid(shape, shape_arr / 2, shape_arr * rng.uniform(0.36, 0.46, 3))
+    label = np.zeros(shape, np.uint8)
+    base = [40.0, 60.0, 90.0] if ct_like else [300.0, 500.0, 700.0]
+    image = np.where(body, 20.0 if ct_like else 200.0, -1000.0 if ct_like else 0.0)
+    for k in range(1, num_organs + 1):
+        center = shape_arr / 2 + rng.uniform(-0.15, 0.15, 3) * shape_arr
+        organ = _ellipsoid(shape, center, shape_arr * rng.uniform(0.08, 0.18, 3)) & body
+        label[organ] = k
+        image[organ] = base[(k - 1) % 3] + 20 * k
+    texture = ndimage.gaussian_filter(rng.standard_normal(shape), 1.5) * 40
+    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    bias = 1.0 + 0.15 * sum(c * g for c, g in zip(rng.uniform(-1, 1, 3), grids, strict=True))
+    noisy = (image + texture * body) * (bias if not ct_like else 1.0)
+    noisy = noisy + rng.normal(0, 15 if ct_like else 20, shape) * body
+    return noisy.astype(np.float32), label
+
+
+def _write_case(
+    root: Path,
+    case_id: str,
+    img: np.ndarray,
+    lbl: np.ndarray,
+    aff: np.ndarray,
+    num_channels: int,
+    rng: np.random.Generator,
+) -> None:
+    for c in range(num_channels):
+        chan = img if c == 0 else (img * rng.uniform(0.5, 1.5) + rng.normal(0, 10, img.shape))
+        save_nifti_atomic(
+            nib.Nifti1Image(chan.astype(np.float32), aff),
+            root / "imagesTr" / f"{case_id}_{c:04d}.nii.gz",
+        )
+    save_nifti_atomic(nib.Nifti1Image(lbl, aff), root / "labelsTr" / f"{case_id}.nii.gz")
+
+
+def generate_synthetic_dataset(
+    out_dir: str | os.PathLike,
+    num_cases: int = 24,
+    seed: int = 0,
+    shape_range: tuple[int, int] = (28, 40),
+    spacing_range: tuple[float, float] = (0.8, 1.6),
+    num_organs: int = 2,
+    num_channels: int = 1,
+    ct_like: bool = False,
+) -> Path:
+    """Write a synthetic dataset in the nnU-Net raw layout.
+
+    Args:
+        out_dir: the dataset folder to create (``imagesTr/``, ``labelsTr/``, ``dataset.json``).
+        num_cases: number of cases.
+        seed: random seed (same seed, same files).
+        shape_range: inclusive min/max voxels per axis.
+        spacing_range: min/max voxel spacing in mm per axis.
+        num_organs: foreground labels.
+        num_channels: image channels per case (``{case}_{XXXX}`` files).
+        ct_like: CT-like intensities; ``dataset.json`` then names the channels "CT".
+
+    Returns:
+        ``out_dir``. The folder is built under a temporary name and renamed into place.
+    """
+    out = Path(out_dir)
+    if num_cases < 1:
+        raise ValueError(f"num_cases must be >= 1, got {num_cases}")
+    rng = np.random.default_rng(seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for i in range(num_cases):
+            shape = tuple(int(s) for s in rng.integers(shape_range[0], shape_range[1] + 1, 3))
+            spacing = tuple(float(s) for s in np.round(rng.uniform(*spacing_range, 3), 3))
+            aff = make_affine(spacing, rng, flip=bool(i % 3 == 1))
+            img, lbl = make_phantom(shape, rng, num_organs=num_organs, ct_like=ct_like)
+            _write_case(tmp, f"case_{i:03d}", img, lbl, aff, num_channels, rng)
+        modality = "CT" if ct_like else "MR"
+        meta: dict[str, Any] = {
+            "name": "segshare-synthetic",
+            "description": f"Synthetic ellipsoid phantoms (seed {seed})",
+            "channel_names": {str(c): modality for c in range(num_channels)},
+            "labels": {
+                "background": 0,
+                **{ORGANS[k % 3] + (f"_{k}" if k >= 3 else ""): k + 1 for k in range(num_organs)},
+            },
+            "numTraining": num_cases,
+            "file_ending": ".nii.gz",
+        }
+        write_json_atomic(meta, tmp / "dataset.json")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def ensure_dataset(data_cfg: Any) -> Path:
+    """Return ``data_cfg.root``, generating the synthetic dataset there first when it is missing
+    and ``data_cfg.synthetic.generate_if_missing`` is true.
+
+    Raises:
+        ValueError: the root does not exist and is not to be generated.
+    """
+    root = Path(str(data_cfg.root))
+    syn = data_cfg.get("synthetic") if hasattr(data_cfg, "get") else None
+    if not root.exists() and syn is not None and syn.get("generate_if_missing", False):
+        generate_synthetic_dataset(
+            root,
+            num_cases=int(syn.num_cases),
+            seed=int(syn.seed),
+            shape_range=tuple(syn.shape_range),
+            spacing_range=tuple(syn.spacing_range),
+            num_organs=int(syn.num_organs),
+            num_channels=int(syn.get("num_channels", 1)),
+        )
+    if not root.exists():
+        raise ValueError(f"data.root: dataset folder {root} does not exist")
+    return root

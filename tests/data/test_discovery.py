@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from segshare.data.discovery import discover_dataset, discover_images
+from segshare.data.io import NiftiReadError, load_nifti, save_nifti_atomic
+
+from .conftest import make_msd_dataset, write_nifti
+
+
+def test_nnunet_layout_groups_channels(tmp_path):
+    for cid in ("b", "a"):
+        for ch in range(2):
+            write_nifti(
+                tmp_path / "imagesTr" / f"{cid}_{ch:04d}.nii.gz", np.zeros((3, 4, 5), np.float32)
+            )
+        write_nifti(tmp_path / "labelsTr" / f"{cid}.nii.gz", np.zeros((3, 4, 5), np.uint8))
+    meta = {
+        "channel_names": {"0": "CT", "1": "PET"},
+        "labels": {"background": 0, "tumour": 1},
+        "file_ending": ".nii.gz",
+    }
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    ds = discover_dataset(tmp_path)
+    assert ds.case_ids == ["a", "b"]
+    assert [p.name for p in ds.cases[0].images] == ["a_0000.nii.gz", "a_0001.nii.gz"]
+    assert ds.cases[0].label.name == "a.nii.gz"
+    assert ds.labels == {"background": 0, "tumour": 1}
+    assert ds.channel_names == {"0": "CT", "1": "PET"}
+    assert ds.problems == []
+
+
+def test_msd_layout_labels_converted(tmp_path):
+    ds = discover_dataset(make_msd_dataset(tmp_path, num_cases=3))
+    assert ds.case_ids == ["case_00", "case_01", "case_02"]
+    assert ds.labels == {"background": 0, "a": 1, "b": 2}
+    assert ds.channel_names == {"0": "MRI"}
+
+
+def test_plain_pair_uncompressed_and_orphans(tmp_path):
+    write_nifti(tmp_path / "imagesTr" / "x.nii", np.zeros((3, 3, 3), np.float32))
+    write_nifti(tmp_path / "imagesTr" / "y.nii", np.zeros((3, 3, 3), np.float32))
+    write_nifti(tmp_path / "labelsTr" / "x.nii", np.zeros((3, 3, 3), np.uint8))
+    write_nifti(tmp_path / "labelsTr" / "z.nii", np.zeros((3, 3, 3), np.uint8))
+    ds = discover_dataset(tmp_path)
+    assert ds.case_ids == ["x", "y"]
+    assert ds.labels == {}
+    msgs = " ".join(f"{p} {m}" for p, m in ds.problems)
+    assert "y.nii" in msgs and "z.nii" in msgs
+
+
+def test_discover_images_file_folder_and_dataset(tmp_path):
+    f = write_nifti(tmp_path / "imagesTs" / "scan_0000.nii.gz", np.zeros((2, 2, 2), np.float32))
+    write_nifti(tmp_path / "imagesTs" / "scan_0001.nii.gz", np.zeros((2, 2, 2), np.float32))
+    assert discover_images(f)[0].case_id == "scan_0000"
+    cases = discover_images(tmp_path)
+    assert len(cases) == 1 and cases[0].case_id == "scan" and len(cases[0].images) == 2
+    with pytest.raises(ValueError, match="does not exist"):
+        discover_images(tmp_path / "nope")
+
+
+def test_load_nifti_errors_name_file(tmp_path):
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(NiftiReadError, match="bad.nii.gz"):
+        load_nifti(bad)
+    with pytest.raises(NiftiReadError, match="does not exist"):
+        load_nifti(tmp_path / "missing.nii")
+
+
+def test_save_nifti_atomic_roundtrip_leaves_no_temp(tmp_path):
+    data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    out = save_nifti_atomic(nib.Nifti1Image(data, np.diag([2.0, 1, 1, 1])), tmp_path / "o.nii.gz")
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), data)
+    assert [p.name for p in tmp_path.iterdir()] == ["o.nii.gz"]
