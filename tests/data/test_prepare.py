@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+
+from segshare.data.cache import load_cached_case
+from segshare.data.prepare import prepare_dataset
+from segshare.data.splits import get_split
+from segshare.data.validation import DatasetError
+from segshare.preprocess import run
+
+from .conftest import make_msd_dataset
+from .test_validation import plant_faults
+
+
+def _cfg(tmp_path, root=None, *extra):
+    with initialize_config_module(version_base="1.3", config_module="segshare.conf"):
+        return compose(
+            "preprocess",
+            overrides=[
+                f"paths.root_dir={tmp_path}",
+                f"paths.data_dir={tmp_path}/data",
+                f"paths.output_dir={tmp_path}/out",
+                "progress=false",
+                "data.synthetic.num_cases=6",
+                "data.synthetic.shape_range=[16,20]",
+                *([f"data.root={root}"] if root else []),
+                *extra,
+            ],
+        )
+
+
+def test_default_config_generates_and_prepares_synthetic(tmp_path):
+    cfg = _cfg(tmp_path)
+    prepared = run(cfg)
+    out = tmp_path / "data" / "synthetic_preprocessed"
+    assert prepared.preprocessed_dir == out
+    for name in ("fingerprint.json", "plan.json", "splits.json"):
+        assert (out / name).exists()
+    assert sorted(prepared.train_ids + prepared.val_ids) == prepared.dataset.case_ids
+    assert not set(prepared.train_ids) & set(prepared.val_ids)
+    image, label, props = load_cached_case(prepared.cache_dir, prepared.train_ids[0])
+    assert isinstance(image, np.memmap) and image.ndim == 4 and label.shape == image.shape[:3]
+    assert props["resampled_shape"] == list(label.shape) and "1" in props["class_locations"]
+    fp = json.loads((out / "fingerprint.json").read_text())
+    assert fp["num_cases"] == 6 and set(fp["class_frequency"]) == {"0", "1", "2"}
+    # reused: nothing rewritten
+    stamp = {p.name: p.stat().st_mtime_ns for p in prepared.cache_dir.iterdir()}
+    again = prepare_dataset(cfg.data, progress=False)
+    assert again.cache_dir == prepared.cache_dir
+    assert stamp == {p.name: p.stat().st_mtime_ns for p in again.cache_dir.iterdir()}
+    # an interrupted case (properties JSON missing) is redone; no temp files remain
+    (prepared.cache_dir / f"{prepared.train_ids[0]}.json").unlink()
+    prepare_dataset(cfg.data, progress=False)
+    assert (prepared.cache_dir / f"{prepared.train_ids[0]}.json").exists()
+    assert not [p for p in prepared.cache_dir.iterdir() if ".tmp" in p.name]
+    # a config change gives a new cache folder
+    changed = prepare_dataset(
+        _cfg(tmp_path, None, "data.target_spacing=[1.5,1.5,1.5]").data, progress=False
+    )
+    assert changed.cache_dir != prepared.cache_dir
+    assert changed.plan.target_spacing == (1.5, 1.5, 1.5)
+
+
+def test_splits_written_once_and_reused(tmp_path):
+    ids = [f"c{i}" for i in range(11)]
+    tr0, va0 = get_split(tmp_path, ids, fold=0, seed=1)
+    vals = [get_split(tmp_path, ids, fold=k)[1] for k in range(5)]  # seed ignored once written
+    assert vals[0] == va0 and sorted(sum(vals, [])) == sorted(ids)
+    assert sorted(tr0 + va0) == sorted(ids)
+    with pytest.raises(ValueError, match="differ"):
+        get_split(tmp_path, ids[:-1], fold=0)
+    with pytest.raises(ValueError, match="data.fold"):
+        get_split(tmp_path, ids, fold=7)
+
+
+def test_prepare_raises_listing_every_problem(tmp_path):
+    root = make_msd_dataset(tmp_path / "ds", num_cases=12)
+    expected = plant_faults(root)
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset(_cfg(tmp_path, root, "data.max_voxels=20000").data, progress=False)
+    assert len(info.value.problems) == len(expected)
+
+
+def test_cli_exits_2_naming_every_planted_file(tmp_path):
+    root = make_msd_dataset(tmp_path / "ds", num_cases=12)
+    expected = plant_faults(root)
+    cmd = [
+        sys.executable,
+        "-m",
+        "segshare.preprocess",
+        f"data.root={root}",
+        f"data.preprocessed_dir={tmp_path}/pp",
+        "data.max_voxels=20000",
+        "progress=false",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2, res.stderr
+    for name in expected:
+        assert name in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    assert not (tmp_path / "pp" / "splits.json").exists()
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_cli_on_hippocampus_exits_0(tmp_path, hippocampus_root):
+    cmd = [
+        sys.executable,
+        "-m",
+        "segshare.preprocess",
+        "data=hippocampus",
+        f"data.root={hippocampus_root}",
+        f"data.preprocessed_dir={tmp_path}/pp",
+        "progress=false",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    cache = next((tmp_path / "pp").glob("cache_*"))
+    assert len(list(cache.glob("*_image.npy"))) == 195
+    assert (tmp_path / "pp" / "splits.json").exists()
