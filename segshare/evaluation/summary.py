@@ -1,0 +1,134 @@
+"""``summary.json`` (nnU-Net's shape) and the tidy ``metrics.csv``.
+
+NaN handling follows nnU-Net: Python's ``json`` writes NaN and infinities as the bare tokens
+``NaN`` / ``Infinity`` (readable by Python's ``json``, nnU-Net's ``load_json`` and pandas). With
+``strict=True`` they are written as ``null`` instead, which every JSON parser accepts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from segshare.evaluation.metrics import ALL_METRICS, aggregate_means
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Writes ``data`` to a temporary file next to ``path``, then ``os.replace``s it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_summary(
+    cases: Sequence[dict],
+    labels: Sequence[int],
+    *,
+    label_names: dict[int, str] | None = None,
+    missing: Sequence[dict] = (),
+    unmatched: Sequence[str] = (),
+    settings: dict | None = None,
+) -> dict:
+    """Builds the summary dictionary.
+
+    Args:
+        cases: per-case entries from :func:`segshare.evaluation.runner.evaluate_case`, already
+            restricted to ``labels``.
+        labels: evaluated labels.
+        label_names: optional ``{label: name}``.
+        missing: ``{"case_id", "reference_file", "prediction_file"}`` of references without a
+            prediction.
+        unmatched: prediction files without a reference.
+        settings: how the numbers were computed (tolerance, HD95 variant, ...).
+
+    Returns:
+        ``{"metric_per_case", "mean", "foreground_mean", ...}``; label keys are strings as in
+        nnU-Net's file.
+    """
+    mean, foreground = aggregate_means([c["metrics"] for c in cases], labels)
+    names = label_names or {}
+    return {
+        "metric_per_case": [
+            {
+                "case_id": c["case_id"],
+                "reference_file": c["reference_file"],
+                "prediction_file": c["prediction_file"],
+                "metrics": {str(k): dict(v) for k, v in c["metrics"].items()},
+                **({"prediction_missing": True} if c.get("prediction_missing") else {}),
+            }
+            for c in cases
+        ],
+        "mean": {str(k): v for k, v in mean.items()},
+        "foreground_mean": foreground,
+        "labels": {str(k): names.get(k, str(k)) for k in labels},
+        "num_cases": len(cases),
+        "missing_predictions": [dict(m) for m in missing],
+        "num_missing_predictions": len(missing),
+        "unmatched_predictions": [str(u) for u in unmatched],
+        "settings": dict(settings or {}),
+    }
+
+
+def _strictify(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strictify(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strictify(v) for v in obj]
+    return obj
+
+
+def write_summary_json(summary: dict, path: Path, strict: bool = False) -> None:
+    """Writes ``summary`` with sorted keys (nnU-Net: ``NaN`` tokens; ``strict``: ``null``)."""
+    data = _strictify(summary) if strict else summary
+    atomic_write(path, json.dumps(data, sort_keys=True, indent=4, allow_nan=not strict) + "\n")
+
+
+CSV_COLUMNS = (
+    "case_id",
+    "label",
+    "label_name",
+    "metric",
+    "value",
+    "reference_file",
+    "prediction_file",
+)
+
+
+def write_metrics_csv(summary: dict, path: Path) -> None:
+    """One row per case, label and metric (tidy): ``pd.read_csv(path)`` reads ``nan``/``inf``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    names = summary.get("labels", {})
+    for case in summary["metric_per_case"]:
+        for label, values in case["metrics"].items():
+            for metric in ALL_METRICS:
+                writer.writerow(
+                    [
+                        case["case_id"],
+                        label,
+                        names.get(label, label),
+                        metric,
+                        repr(values[metric])
+                        if isinstance(values[metric], float)
+                        else values[metric],
+                        case["reference_file"],
+                        case["prediction_file"],
+                    ]
+                )
+    atomic_write(path, buf.getvalue())
