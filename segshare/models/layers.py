@@ -1,0 +1,248 @@
+"""Kernel banks and the convolutions that draw their kernels from them.
+
+One mechanism serves every sharing scheme: a *bank* layer owns the kernel variable(s); a
+:class:`SharedConv` holds a reference to its bank layer (never a raw variable) and keeps its own
+bias. An unshared conv is simply a conv whose bank nobody else uses.
+
+- :class:`KernelBank` owns one kernel ``(*kernel_size, in_channels, out_channels)``; a conv of
+  narrower width uses the ``[..., :c_in, :c_out]`` slice, so convs of different widths can share.
+- :class:`TemplateBank` owns ``num_templates`` kernels; each conv that uses it owns a vector of
+  mixing coefficients and gets ``sum_t coeff[t] * template[t]`` (Savarese & Maire, ICLR 2019).
+
+A conv's reference to its bank cannot be written into a config, so :class:`SharedConv` is only
+ever built by the layer that owns the bank (see ``segshare.models.encoder``), whose config
+recreates the same wiring on load. All computation uses ``keras.ops`` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+from keras import ops
+
+PACKAGE = "segshare"
+
+
+def _as_tuple(value: int | Sequence[int], spatial_dims: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * spatial_dims
+    value = tuple(int(v) for v in value)
+    if len(value) != spatial_dims:
+        raise ValueError(f"{name} must have {spatial_dims} entries, got {value!r}.")
+    return value
+
+
+def _check_spatial_dims(spatial_dims: int) -> int:
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+    return int(spatial_dims)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class KernelBank(keras.layers.Layer):
+    """Owns one convolution kernel that any number of :class:`SharedConv` layers use.
+
+    Args:
+        spatial_dims: 2 or 3.
+        kernel_size: Kernel extent per spatial axis.
+        in_channels: Widest input width any user needs.
+        out_channels: Widest output width any user needs.
+        kernel_initializer: Initializer of the kernel.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        kernel_size: int | Sequence[int],
+        in_channels: int,
+        out_channels: int,
+        kernel_initializer: str = "he_normal",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.spatial_dims = _check_spatial_dims(spatial_dims)
+        self.kernel_size = _as_tuple(kernel_size, self.spatial_dims, "kernel_size")
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(
+                f"Bank widths must be >= 1, got in_channels={in_channels!r}, "
+                f"out_channels={out_channels!r}."
+            )
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self._create_weights()
+        self.built = True
+
+    def _create_weights(self) -> None:
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(*self.kernel_size, self.in_channels, self.out_channels),
+            initializer=self.kernel_initializer,
+            trainable=True,
+        )
+
+    def get_kernel(self, in_channels: int, out_channels: int, coefficients=None):
+        """The kernel for a conv of the given widths (a slice of the bank's kernel)."""
+        del coefficients
+        kernel = self.kernel
+        if in_channels != self.in_channels or out_channels != self.out_channels:
+            kernel = kernel[..., :in_channels, :out_channels]
+        return kernel
+
+    def check_widths(self, in_channels: int, out_channels: int) -> None:
+        """Raise if a conv of these widths cannot draw from this bank."""
+        if in_channels > self.in_channels or out_channels > self.out_channels:
+            raise ValueError(
+                f"Bank {self.name!r} holds kernels up to {self.in_channels}->{self.out_channels} "
+                f"channels; a conv {in_channels}->{out_channels} cannot use it."
+            )
+
+    def call(self, inputs=None):  # A bank is not applied to data.
+        raise TypeError(f"Bank {self.name!r} is not called on data; use it from a SharedConv.")
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            spatial_dims=self.spatial_dims,
+            kernel_size=self.kernel_size,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TemplateBank(KernelBank):
+    """Owns ``num_templates`` kernels; each user mixes them with its own coefficients.
+
+    Args:
+        num_templates: Number of templates (>= 1).
+        (others as :class:`KernelBank`)
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        kernel_size: int | Sequence[int],
+        in_channels: int,
+        out_channels: int,
+        num_templates: int = 2,
+        kernel_initializer: str = "he_normal",
+        **kwargs,
+    ):
+        if int(num_templates) < 1:
+            raise ValueError(f"num_templates must be >= 1, got {num_templates!r}.")
+        self.num_templates = int(num_templates)
+        super().__init__(
+            spatial_dims, kernel_size, in_channels, out_channels, kernel_initializer, **kwargs
+        )
+
+    def _create_weights(self) -> None:
+        self.templates = self.add_weight(
+            name="templates",
+            shape=(self.num_templates, *self.kernel_size, self.in_channels, self.out_channels),
+            initializer=self._template_initializer,
+            trainable=True,
+        )
+
+    def _template_initializer(self, shape, dtype=None):
+        # Each template initialised like an ordinary kernel (fan-in of one kernel).
+        return ops.stack([self.kernel_initializer(shape[1:], dtype=dtype) for _ in range(shape[0])])
+
+    def get_kernel(self, in_channels: int, out_channels: int, coefficients=None):
+        if coefficients is None:
+            raise ValueError(f"TemplateBank {self.name!r} needs the conv's mixing coefficients.")
+        templates = ops.cast(self.templates, coefficients.dtype)
+        if in_channels != self.in_channels or out_channels != self.out_channels:
+            templates = templates[..., :in_channels, :out_channels]
+        return ops.tensordot(coefficients, templates, axes=1)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config["num_templates"] = self.num_templates
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class SharedConv(keras.layers.Layer):
+    """A convolution whose kernel comes from a bank layer; bias (and coefficients) are its own.
+
+    Input ``(B, *spatial, in_channels)``, output ``(B, *spatial', filters)``, channels last.
+
+    Args:
+        filters: Output width.
+        bank: The :class:`KernelBank` (or :class:`TemplateBank`) layer to draw the kernel from.
+        in_channels: Input width (must fit the bank).
+        strides: Stride per spatial axis.
+        use_bias: Whether the conv adds its own bias.
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        bank: KernelBank,
+        in_channels: int,
+        strides: int | Sequence[int] = 1,
+        use_bias: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(bank, KernelBank):
+            raise TypeError(
+                f"SharedConv {self.name!r} needs a KernelBank layer, got {type(bank).__name__}."
+            )
+        bank.check_widths(in_channels, filters)
+        self.filters = int(filters)
+        self.in_channels = int(in_channels)
+        self.bank = bank
+        self.strides = _as_tuple(strides, bank.spatial_dims, "strides")
+        self.use_bias = bool(use_bias)
+        self.coefficients = None
+        if isinstance(bank, TemplateBank):
+            self.coefficients = self.add_weight(
+                name="coefficients",
+                shape=(bank.num_templates,),
+                initializer=keras.initializers.RandomNormal(stddev=bank.num_templates**-0.5),
+            )
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
+        self.built = True
+
+    def kernel(self):
+        """The kernel this conv applies, ``(*kernel_size, in_channels, filters)``."""
+        return self.bank.get_kernel(self.in_channels, self.filters, self.coefficients)
+
+    def call(self, inputs):
+        kernel = ops.cast(self.kernel(), self.compute_dtype)
+        outputs = ops.conv(inputs, kernel, strides=self.strides, padding="same")
+        if self.bias is not None:
+            outputs = outputs + ops.cast(self.bias, self.compute_dtype)
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        spatial = [
+            None if size is None else -(-size // stride)
+            for size, stride in zip(input_shape[1:-1], self.strides, strict=True)
+        ]
+        return (input_shape[0], *spatial, self.filters)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            filters=self.filters,
+            bank=self.bank.name,
+            in_channels=self.in_channels,
+            strides=self.strides,
+            use_bias=self.use_bias,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        raise TypeError(
+            f"SharedConv {config.get('name')!r} cannot be rebuilt on its own: its tie to bank "
+            f"{config.get('bank')!r} would be lost. It is rebuilt by the layer that owns the bank."
+        )

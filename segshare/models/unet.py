@@ -1,0 +1,174 @@
+"""The U-Net: a kernel-sharing encoder, an unshared decoder, optional deep supervision.
+
+``build_unet`` returns a functional ``keras.Model`` mapping ``(B, *spatial, in_channels)`` to logits
+``(B, *spatial, num_classes)`` (a list of logits, full resolution first, with deep supervision).
+Layer names are deterministic (``encoder_stage2_conv1``, ``decoder_stage1_concat``, ``head``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+
+from segshare.models.encoder import SharedEncoder, make_activation, make_norm
+
+DEFAULT_FEATURES = (16, 32, 64, 128, 256)
+DEFAULT_BLOCKS = (1, 2, 2, 2, 2)
+
+
+def check_patch_size(patch_size: Sequence[int], num_stages: int, spatial_dims: int) -> None:
+    """Raise ``ValueError`` unless every patch axis divides by ``2 ** (num_stages - 1)``."""
+    patch_size = tuple(int(p) for p in patch_size)
+    if len(patch_size) != spatial_dims:
+        raise ValueError(f"patch_size must have {spatial_dims} entries, got {patch_size!r}.")
+    factor = 2 ** (num_stages - 1)
+    if any(p < 1 or p % factor for p in patch_size):
+        raise ValueError(
+            f"patch_size {patch_size!r} must be divisible by 2**(stages-1) = {factor} "
+            f"on every axis for {num_stages} stages."
+        )
+
+
+def build_unet(
+    spatial_dims: int = 3,
+    in_channels: int = 1,
+    num_classes: int = 2,
+    features: Sequence[int] = DEFAULT_FEATURES,
+    blocks_per_stage: Sequence[int] | None = None,
+    sharing: str = "none",
+    num_templates: int = 2,
+    norm: str = "instance",
+    activation: str = "leaky_relu",
+    negative_slope: float = 0.01,
+    decoder_blocks: int = 2,
+    deep_supervision: bool = False,
+    use_bias: bool = True,
+    patch_size: Sequence[int] | None = None,
+    name: str | None = None,
+) -> keras.Model:
+    """Build the kernel-sharing U-Net.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Input channels ``C``.
+        num_classes: Output classes ``K`` (background included).
+        features: Width of each encoder stage, e.g. ``(16, 32, 64, 128, 256)``.
+        blocks_per_stage: Block convs after each stage's entry conv; default ``1`` for the first
+            stage and ``2`` for the others, i.e. ``(1, 2, 2, 2, 2)`` for five stages.
+        sharing: ``"none" | "stage" | "global" | "template"`` (see ``segshare.models.encoder``).
+        num_templates: Templates per stage for ``template`` sharing.
+        norm: ``"instance" | "batch"``.
+        activation: ``"leaky_relu"`` (default) or a Keras activation name.
+        negative_slope: LeakyReLU slope.
+        decoder_blocks: conv-norm-act units per decoder stage (after upsampling and concat).
+        deep_supervision: Also output logits at every coarser decoder resolution.
+        use_bias: Whether convs have a bias.
+        patch_size: Fixed spatial input size (validated); ``None`` accepts any divisible size.
+        name: Model name (default ``unet_<sharing>``).
+
+    Returns:
+        A ``keras.Model`` from ``(B, *spatial, C)`` to logits ``(B, *spatial, K)``; with deep
+        supervision a list ``[full, 1/2, 1/4, ...]`` of logits.
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels!r}.")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes!r}.")
+    if decoder_blocks < 1:
+        raise ValueError(f"decoder_blocks must be >= 1, got {decoder_blocks!r}.")
+    features = tuple(int(f) for f in features)
+    if blocks_per_stage is None:
+        blocks_per_stage = (1,) + (2,) * (len(features) - 1)
+    if patch_size is not None:
+        check_patch_size(patch_size, len(features), spatial_dims)
+    encoder = SharedEncoder(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        features=features,
+        blocks_per_stage=blocks_per_stage,
+        sharing=sharing,
+        num_templates=num_templates,
+        norm=norm,
+        activation=activation,
+        negative_slope=negative_slope,
+        use_bias=use_bias,
+        name="encoder",
+    )
+    spatial = tuple(patch_size) if patch_size is not None else (None,) * spatial_dims
+    inputs = keras.Input((*spatial, in_channels), name="image")
+    skips = encoder(inputs)
+    conv = keras.layers.Conv3D if spatial_dims == 3 else keras.layers.Conv2D
+    up = keras.layers.Conv3DTranspose if spatial_dims == 3 else keras.layers.Conv2DTranspose
+    x = skips[-1]
+    decoder_outputs = []
+    for s in range(len(features) - 2, -1, -1):
+        prefix = f"decoder_stage{s}"
+        x = up(features[s], 2, strides=2, use_bias=use_bias, name=f"{prefix}_upconv")(x)
+        x = keras.layers.Concatenate(name=f"{prefix}_concat")([x, skips[s]])
+        for j in range(1, decoder_blocks + 1):
+            x = conv(features[s], 3, padding="same", use_bias=use_bias, name=f"{prefix}_conv{j}")(x)
+            x = make_norm(norm, f"{prefix}_conv{j}_norm")(x)
+            x = make_activation(activation, negative_slope, f"{prefix}_conv{j}_act")(x)
+        decoder_outputs.append(x)
+    if not decoder_outputs:  # a single stage: the encoder output feeds the head
+        decoder_outputs.append(x)
+    decoder_outputs.reverse()  # full resolution first
+    logits = conv(num_classes, 1, name="head", dtype="float32")(decoder_outputs[0])
+    outputs = logits
+    if deep_supervision:
+        outputs = [logits] + [
+            conv(num_classes, 1, name=f"head_ds{i}", dtype="float32")(feat)
+            for i, feat in enumerate(decoder_outputs[1:], start=1)
+        ]
+    return keras.Model(inputs, outputs, name=name or f"unet_{sharing}")
+
+
+def count_unique_params(model: keras.Model, trainable_only: bool = True) -> int:
+    """Parameters counted once per variable (a shared kernel counts once)."""
+    variables = model.trainable_weights if trainable_only else model.weights
+    seen, total = set(), 0
+    for v in variables:
+        key = id(v)
+        if key not in seen:
+            seen.add(key)
+            total += int(keras.ops.size(v))
+    return total
+
+
+def parameter_report(model: keras.Model) -> dict:
+    """Total, unique trainable and saved parameters versus ``sharing="none"`` at the same widths.
+
+    The baseline is built from the model's own encoder config with ``sharing="none"``.
+    """
+    encoder = model.get_layer("encoder")
+    config = encoder.get_config()
+    unique = count_unique_params(model)
+    baseline = unique
+    if config["sharing"] != "none":
+        twin = SharedEncoder(**{**config, "sharing": "none", "name": "encoder_none"})
+        twin.build((None,) + (8,) * config["spatial_dims"] + (config["in_channels"],))
+        baseline += _layer_params(twin) - _layer_params(encoder)
+    return {
+        "sharing": config["sharing"],
+        "total": count_unique_params(model, trainable_only=False),
+        "unique_trainable": unique,
+        "baseline_unique_trainable": baseline,
+        "saved": baseline - unique,
+        "saved_percent": round(100.0 * (baseline - unique) / baseline, 2) if baseline else 0.0,
+    }
+
+
+def _layer_params(layer: keras.layers.Layer) -> int:
+    return sum(int(keras.ops.size(v)) for v in layer.trainable_weights)  # weights are deduplicated
+
+
+def format_parameter_report(report: dict) -> str:
+    """One line for logs and the training app's start-up banner."""
+    return (
+        f"parameters [{report['sharing']}]: total {report['total']:,}, unique trainable "
+        f"{report['unique_trainable']:,}, baseline (none) {report['baseline_unique_trainable']:,}, "
+        f"saved {report['saved']:,} ({report['saved_percent']:.1f}%)"
+    )
