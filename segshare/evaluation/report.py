@@ -83,7 +83,10 @@ def build_blocks(summary: dict, pictures: dict[str, bytes], title: str) -> list[
     )
     blocks.append(("h2", "Foreground mean (mean of the per-label means)"))
     fg = summary["foreground_mean"]
-    blocks.append(("table", (["metric", "value"], [[m, _fmt(fg[m])] for m in TABLE_METRICS])))
+    blocks.append(("table", (list(TABLE_METRICS), [[_fmt(fg[m]) for m in TABLE_METRICS]])))
+    if "boxplots" in pictures:
+        blocks.append(("h2", "Dice and HD95 per label"))
+        blocks.append(("image", ("boxplots.png", "Box plots of Dice and HD95 per label")))
     blocks.append(("h2", "Statistics per label and metric"))
     rows = []
     for metric in TABLE_METRICS:
@@ -97,9 +100,6 @@ def build_blocks(summary: dict, pictures: dict[str, bytes], title: str) -> list[
                 ]
             )
     blocks.append(("table", (["metric", "label", "mean", "sd", "median", "n", "n_inf"], rows)))
-    if "boxplots" in pictures:
-        blocks.append(("h2", "Dice and HD95 per label"))
-        blocks.append(("image", ("boxplots.png", "Box plots of Dice and HD95 per label")))
     blocks.append(("h2", f"Worst cases (lowest mean Dice, up to {NUM_WORST})"))
     ranked = sorted(cases, key=lambda c: (math.isnan(case_score(c)), case_score(c)))
     header = ["case", "mean Dice"] + [f"Dice {k}" for k in names] + [f"HD95 {k}" for k in names]
