@@ -64,3 +64,19 @@ def hippocampus_root() -> Path:
     if not (HIPPOCAMPUS / "dataset.json").exists():
         pytest.skip(f"real data not found at {HIPPOCAMPUS}")
     return HIPPOCAMPUS
+
+
+@pytest.fixture(scope="session")
+def prepared(synthetic_root, tmp_path_factory):
+    """The synthetic dataset prepared (validated, cached, split) into a temporary folder."""
+    from segshare.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("prep") / "pp"
+    cfg = {
+        "root": str(synthetic_root),
+        "preprocessed_dir": str(out),
+        "num_workers": 1,
+        "fold": 0,
+        "num_folds": 4,
+    }
+    return prepare_dataset(cfg, progress=False)

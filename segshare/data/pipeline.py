@@ -1,0 +1,139 @@
+"""Feeding training batches: a ``tf.data`` pipeline (TensorFlow backend) or a
+``keras.utils.PyDataset`` (any backend, e.g. JAX).
+
+Batch ``i`` is drawn with the generator ``numpy.random.default_rng([seed, i])``, so the stream of
+batches is reproducible whatever the number of parallel workers and their scheduling.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from segshare.data.augment import augment
+from segshare.data.sampling import PatchSampler
+
+
+class BatchMaker:
+    """Makes batch ``index``: sample ``batch_size`` patches, augment each; returns
+    x ``(B, *patch, C)`` float32 and y ``(B, *patch)`` int32."""
+
+    def __init__(
+        self,
+        sampler: PatchSampler,
+        batch_size: int,
+        augment_cfg: Mapping[str, Any] | None,
+        seed: int,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.sampler, self.batch_size, self.seed = sampler, int(batch_size), int(seed)
+        self.augment_cfg = _plain(augment_cfg)
+
+    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, int(index)])
+        x, y = self.sampler.sample_batch(self.batch_size, rng)
+        if self.augment_cfg is not None:
+            for b in range(len(x)):
+                x[b], y[b] = augment(x[b], y[b], self.augment_cfg, rng)
+        return x, y
+
+
+def _plain(cfg: Any) -> dict | None:
+    if cfg is None:
+        return None
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(cfg):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def _tf_dataset(maker: BatchMaker, patch_size: Sequence[int], channels: int, workers: int):
+    import tensorflow as tf
+
+    def load(i):
+        x, y = tf.numpy_function(maker, [i], [tf.float32, tf.int32], stateful=False)
+        x.set_shape((maker.batch_size, *patch_size, channels))
+        y.set_shape((maker.batch_size, *patch_size))
+        return x, y
+
+    calls = workers if workers > 0 else tf.data.AUTOTUNE
+    ds = tf.data.Dataset.counter().map(load, num_parallel_calls=calls, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _py_dataset(maker: BatchMaker, steps_per_epoch: int, workers: int, multiprocessing: bool):
+    import keras
+
+    class PatchDataset(keras.utils.PyDataset):
+        """Endless-by-epochs patch batches; epoch ``e`` step ``s`` is batch ``e * steps + s``."""
+
+        def __init__(self):
+            super().__init__(
+                workers=max(1, workers),
+                use_multiprocessing=multiprocessing,
+                max_queue_size=max(2, 2 * workers),
+            )
+            self.epoch = 0
+
+        def __len__(self) -> int:
+            return steps_per_epoch
+
+        def __getitem__(self, idx: int):
+            return maker(self.epoch * steps_per_epoch + int(idx))
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+
+    return PatchDataset()
+
+
+def make_training_data(
+    cache_dir: str | os.PathLike,
+    case_ids: Sequence[str],
+    patch_size: Sequence[int],
+    batch_size: int,
+    *,
+    oversample_foreground: float = 1 / 3,
+    augment_cfg: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    backend: str = "auto",
+    num_workers: int = 2,
+    steps_per_epoch: int = 250,
+    use_multiprocessing: bool = False,
+):
+    """Training batches ``(x, y)``: x ``(B, *patch, C)`` float32, y ``(B, *patch)`` int32.
+
+    Args:
+        cache_dir: the cache folder (``PreparedData.cache_dir``).
+        case_ids: cases to draw from (``PreparedData.train_ids``).
+        patch_size: ``(D, H, W)``.
+        batch_size: patches per batch.
+        oversample_foreground: share of each batch forced onto foreground.
+        augment_cfg: the ``data.augment`` config; None disables augmentation.
+        seed: seed of the batch stream.
+        backend: ``"tf"`` (``tf.data.Dataset``: parallel map, prefetch, endless), ``"pydataset"``
+            (``keras.utils.PyDataset`` with ``steps_per_epoch`` batches per epoch), or
+            ``"auto"``: tf when the Keras backend is TensorFlow, else pydataset.
+        num_workers: parallel map calls / PyDataset workers.
+        steps_per_epoch: PyDataset length.
+        use_multiprocessing: PyDataset workers as processes instead of threads.
+    """
+    sampler = PatchSampler(cache_dir, case_ids, patch_size, oversample_foreground)
+    maker = BatchMaker(sampler, batch_size, augment_cfg, seed)
+    if backend == "auto":
+        import keras
+
+        backend = "tf" if keras.backend.backend() == "tensorflow" else "pydataset"
+    if backend == "tf":
+        return _tf_dataset(maker, sampler.patch_size, sampler.num_channels, num_workers)
+    if backend == "pydataset":
+        return _py_dataset(maker, int(steps_per_epoch), int(num_workers), use_multiprocessing)
+    raise ValueError(f"backend must be 'auto', 'tf' or 'pydataset', got {backend!r}")

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segshare.data.pipeline import make_training_data
+
+AUG = {"p_flip": 0.5, "p_rotation": 0.5, "rotation_deg": 15.0, "p_noise": 0.5}
+
+
+def test_tf_and_pydataset_give_the_same_seeded_batches(prepared):
+    kw = dict(oversample_foreground=0.5, augment_cfg=AUG, seed=11)
+    tf_ds = make_training_data(
+        prepared.cache_dir, prepared.train_ids, (15, 16, 17), 2, backend="tf", **kw
+    )
+    batches = [(np.asarray(x), np.asarray(y)) for x, y in tf_ds.take(3)]
+    x, y = batches[0]
+    assert x.shape == (2, 15, 16, 17, 1) and x.dtype == np.float32
+    assert y.shape == (2, 15, 16, 17) and y.dtype == np.int32
+    again = next(
+        iter(
+            make_training_data(
+                prepared.cache_dir, prepared.train_ids, (15, 16, 17), 2, backend="tf", **kw
+            )
+        )
+    )
+    np.testing.assert_array_equal(np.asarray(again[0]), x)
+    py_ds = make_training_data(
+        prepared.cache_dir,
+        prepared.train_ids,
+        (15, 16, 17),
+        2,
+        backend="pydataset",
+        steps_per_epoch=7,
+        **kw,
+    )
+    assert len(py_ds) == 7
+    for i, (bx, by) in enumerate(batches):
+        px, py = py_ds[i]
+        np.testing.assert_array_equal(px, bx)
+        np.testing.assert_array_equal(py, by)
+    py_ds.on_epoch_end()
+    assert not np.array_equal(py_ds[0][0], batches[0][0])  # a new epoch draws new patches
+
+
+def test_bad_backend(prepared):
+    with pytest.raises(ValueError, match="backend"):
+        make_training_data(prepared.cache_dir, prepared.train_ids, (8, 8, 8), 2, backend="torch")

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segshare.data.augment import augment
+from segshare.data.sampling import PatchSampler, crop_with_padding
+
+
+def test_crop_with_padding_matches_numpy_pad():
+    arr = np.arange(5 * 6 * 7 * 2).reshape(5, 6, 7, 2)
+    padded = np.pad(arr, ((10, 10), (10, 10), (10, 10), (0, 0)))
+    for start in [(-3, 0, 2), (1, -4, 5), (3, 2, -1), (0, 0, 0)]:
+        ref = padded[
+            tuple(slice(s + 10, s + 10 + p) for s, p in zip(start, (9, 3, 8), strict=True))
+        ]
+        np.testing.assert_array_equal(crop_with_padding(arr, start, (9, 3, 8)), ref)
+
+
+def test_sampler_seeded_and_shapes(prepared):
+    s = PatchSampler(prepared.cache_dir, prepared.train_ids, (13, 14, 15))
+    x1, y1 = s.sample_batch(3, np.random.default_rng(5))
+    x2, y2 = s.sample_batch(3, np.random.default_rng(5))
+    x3, _ = s.sample_batch(3, np.random.default_rng(6))
+    assert x1.shape == (3, 13, 14, 15, 1) and x1.dtype == np.float32
+    assert y1.shape == (3, 13, 14, 15) and y1.dtype == np.int32
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(y1, y2)
+    assert not np.array_equal(x1, x3)
+
+
+def test_sampler_pads_when_volume_smaller_than_patch(prepared):
+    s = PatchSampler(prepared.cache_dir, prepared.train_ids[:1], (64, 9, 65))
+    image = np.asarray(s._case(prepared.train_ids[0])[0])
+    x, y = s.sample(np.random.default_rng(0))
+    assert x.shape == (64, 9, 65, 1)
+    assert np.sum(x != 0) <= image.size  # the rest is padding
+    assert (x[0] == 0).all() or (x[-1] == 0).all()
+
+
+def test_forced_foreground_share(prepared):
+    s = PatchSampler(prepared.cache_dir, prepared.train_ids, (9, 9, 9), oversample_foreground=1 / 3)
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        _, y = s.sample_batch(3, rng)
+        assert (y[2] > 0).any()  # round(3 * 2/3) = 2 random samples, the last forced
+    never = PatchSampler(prepared.cache_dir, prepared.train_ids, (5, 5, 5), oversample_foreground=0)
+    fg = [(never.sample_batch(3, rng)[1] > 0).any(axis=(1, 2, 3)) for _ in range(25)]
+    assert not np.all(fg)
+    with pytest.raises(ValueError, match="oversample_foreground"):
+        PatchSampler(prepared.cache_dir, prepared.train_ids, (5, 5, 5), oversample_foreground=1.5)
+
+
+def _pair(shape=(21, 22, 23)):
+    label = np.zeros(shape, np.int32)
+    label[5:14, 6:12, 4:18] = 1
+    label[12:18, 10:20, 9:13] = 2
+    return label.astype(np.float32)[..., None], label
+
+
+@pytest.mark.parametrize(
+    "spatial",
+    [
+        {"p_flip": 1.0},
+        {"p_rotation": 1.0, "rotation_deg": 30.0, "p_scale": 1.0, "scale_range": [0.8, 1.2]},
+        {"p_elastic": 1.0, "elastic_alpha": 2.0, "elastic_sigma": 3.0, "p_rotation": 1.0},
+    ],
+)
+def test_spatial_augment_identical_on_image_and_label(spatial):
+    image, label = _pair()
+    out_img, out_lbl = augment(image, label, spatial, np.random.default_rng(3))
+    assert out_img.shape == image.shape and out_lbl.shape == label.shape
+    assert not np.array_equal(out_lbl, label)
+    agree = np.mean(np.rint(out_img[..., 0]) == out_lbl)  # image carries the label's values
+    assert agree > 0.97
+
+
+def test_intensity_augment_leaves_label_and_off_is_identity():
+    image, label = _pair()
+    cfg = {"p_noise": 1.0, "p_blur": 1.0, "p_brightness": 1.0, "p_contrast": 1.0, "p_gamma": 1.0}
+    out_img, out_lbl = augment(image, label, cfg, np.random.default_rng(0))
+    np.testing.assert_array_equal(out_lbl, label)
+    assert out_img.dtype == np.float32 and not np.allclose(out_img, image)
+    same_img, same_lbl = augment(image, label, {"p_flip": 0.0}, np.random.default_rng(0))
+    np.testing.assert_array_equal(same_img, image)
+    np.testing.assert_array_equal(same_lbl, label)
