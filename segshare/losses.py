@@ -1,0 +1,124 @@
+"""Segmentation losses in ``keras.ops``: soft Dice, cross-entropy, their sum, deep supervision.
+
+Pure functions take integer labels ``(B, *spatial)`` and logits ``(B, *spatial, K)`` and return a
+scalar; thin ``keras.losses.Loss`` classes wrap them. Softmax is applied inside (the network
+outputs logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+from keras import ops
+
+
+def soft_dice_loss(labels, logits, include_background: bool = False, smooth: float = 1e-5):
+    """1 - mean soft Dice over classes (and over the batch: "batch Dice", as nnU-Net's default
+    for 3D full resolution). Classes absent from both labels and prediction score ~1 via ``smooth``.
+
+    Args:
+        labels: Integer labels ``(B, *spatial)``.
+        logits: ``(B, *spatial, K)``.
+        include_background: Whether class 0 enters the mean.
+        smooth: Added to numerator and denominator.
+    """
+    logits = ops.cast(logits, "float32")
+    num_classes = ops.shape(logits)[-1]
+    probs = ops.softmax(logits, axis=-1)
+    onehot = ops.one_hot(ops.cast(labels, "int32"), num_classes, dtype="float32")
+    axes = tuple(range(len(logits.shape) - 1))
+    intersection = ops.sum(probs * onehot, axis=axes)
+    denominator = ops.sum(probs, axis=axes) + ops.sum(onehot, axis=axes)
+    dice = (2.0 * intersection + smooth) / (denominator + smooth)
+    if not include_background:
+        dice = dice[1:]
+    return 1.0 - ops.mean(dice)
+
+
+def cross_entropy_loss(labels, logits):
+    """Mean softmax cross-entropy over all voxels."""
+    return ops.mean(
+        ops.sparse_categorical_crossentropy(
+            ops.cast(labels, "int32"), ops.cast(logits, "float32"), from_logits=True
+        )
+    )
+
+
+def dice_ce_loss(
+    labels,
+    logits,
+    dice_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    include_background: bool = False,
+    smooth: float = 1e-5,
+):
+    """``dice_weight * soft Dice loss + ce_weight * cross-entropy`` (nnU-Net's default loss)."""
+    total = 0.0
+    if ce_weight:
+        total = total + ce_weight * cross_entropy_loss(labels, logits)
+    if dice_weight:
+        total = total + dice_weight * soft_dice_loss(labels, logits, include_background, smooth)
+    return total
+
+
+def deep_supervision_weights(num_outputs: int) -> list[float]:
+    """nnU-Net's weights: halved per coarser level, normalised to sum to one."""
+    raw = [0.5**i for i in range(num_outputs)]
+    return [w / sum(raw) for w in raw]
+
+
+def downsample_labels(labels, factor: int):
+    """Nearest-neighbour labels at ``1/factor`` resolution (strided; patches divide evenly)."""
+    if factor == 1:
+        return labels
+    index = (slice(None),) + (slice(None, None, factor),) * (len(labels.shape) - 1)
+    return labels[index]
+
+
+@keras.saving.register_keras_serializable(package="segshare")
+class DiceCELoss(keras.losses.Loss):
+    """Soft Dice + cross-entropy; with a list of logits (deep supervision, full resolution first)
+    each level is compared with labels downsampled to it and weighted by
+    :func:`deep_supervision_weights`."""
+
+    def __init__(
+        self,
+        dice_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        include_background: bool = False,
+        smooth: float = 1e-5,
+        name: str = "dice_ce",
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        self.dice_weight = float(dice_weight)
+        self.ce_weight = float(ce_weight)
+        self.include_background = bool(include_background)
+        self.smooth = float(smooth)
+
+    def _single(self, labels, logits):
+        return dice_ce_loss(
+            labels, logits, self.dice_weight, self.ce_weight, self.include_background, self.smooth
+        )
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        if isinstance(y_pred, Sequence):
+            weights = deep_supervision_weights(len(y_pred))
+            return sum(
+                w * self._single(downsample_labels(y_true, 2**i), out)
+                for i, (w, out) in enumerate(zip(weights, y_pred, strict=True))
+            )
+        return self._single(y_true, y_pred)
+
+    def call(self, y_true, y_pred):
+        return self._single(y_true, y_pred)
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "dice_weight": self.dice_weight,
+            "ce_weight": self.ce_weight,
+            "include_background": self.include_background,
+            "smooth": self.smooth,
+        }

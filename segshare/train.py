@@ -1,0 +1,181 @@
+"""``segshare-train``: the training app (Hydra over ``conf/train.yaml``).
+
+``train(cfg)`` is the testable entry point; ``main`` is the thin Hydra wrapper. A run folder gets
+``model.keras`` (best validation Dice), ``plan.json`` (the preprocessing the model expects),
+``config.yaml``, ``parameters.json``, ``checkpoints/{latest,best}``, ``train_log.csv`` and
+``tensorboard/``. Running the same command on the same run folder resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+
+def _configure_tensorflow(cfg: DictConfig) -> bool:
+    """Seeds, determinism, precision; returns whether XLA compilation is on."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(int(cfg.seed))
+    if cfg.trainer.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_global_policy(str(cfg.trainer.precision))
+    jit = cfg.trainer.jit_compile
+    if jit == "auto":
+        return bool(tf.config.list_physical_devices("GPU"))
+    return bool(jit)
+
+
+def build_optimizer(opt_cfg: DictConfig, grad_clip_norm: float | None, precision: str):
+    """SGD (Nesterov) or AdamW from ``conf/optimizer``; loss scaling for float16."""
+    import keras
+
+    clip = {"global_clipnorm": float(grad_clip_norm)} if grad_clip_norm else {}
+    if opt_cfg.name == "sgd":
+        opt = keras.optimizers.SGD(
+            learning_rate=float(opt_cfg.learning_rate),
+            momentum=float(opt_cfg.momentum),
+            nesterov=bool(opt_cfg.nesterov),
+            weight_decay=float(opt_cfg.weight_decay) or None,
+            **clip,
+        )
+    elif opt_cfg.name == "adamw":
+        opt = keras.optimizers.AdamW(
+            learning_rate=float(opt_cfg.learning_rate),
+            weight_decay=float(opt_cfg.weight_decay),
+            beta_1=float(opt_cfg.beta_1),
+            beta_2=float(opt_cfg.beta_2),
+            **clip,
+        )
+    else:
+        raise ValueError(f"optimizer.name must be 'sgd' or 'adamw', got {opt_cfg.name!r}.")
+    if precision == "mixed_float16":
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    return opt
+
+
+def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
+    """Train (or resume) the run described by ``cfg``; returns (last metrics row, objects)."""
+    from hydra.utils import instantiate
+
+    from segshare.data.cache import load_cached_case
+    from segshare.data.pipeline import make_training_data
+    from segshare.data.prepare import prepare_dataset
+    from segshare.losses import DiceCELoss
+    from segshare.models import check_patch_size, format_parameter_report, parameter_report
+    from segshare.training.loop import LoopSettings, Trainer
+    from segshare.training.strategy import is_chief, make_strategy
+
+    jit = _configure_tensorflow(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    patch = tuple(int(p) for p in cfg.data.patch_size)
+    check_patch_size(patch, len(cfg.model.features), int(cfg.model.spatial_dims))
+    prepared = prepare_dataset(cfg.data, progress=bool(cfg.trainer.progress))
+    plan = prepared.plan
+    strategy = make_strategy(str(cfg.trainer.strategy))
+    with strategy.scope():
+        model = instantiate(
+            cfg.model,
+            in_channels=plan.in_channels,
+            num_classes=plan.num_classes,
+            sharing=cfg.sharing.scheme,
+            num_templates=cfg.sharing.num_templates,
+            _convert_="all",
+        )
+        optimizer = build_optimizer(
+            cfg.optimizer, cfg.trainer.grad_clip_norm, str(cfg.trainer.precision)
+        )
+        optimizer.build(model.trainable_variables)
+    report = parameter_report(model)
+    print(format_parameter_report(report))
+    if is_chief(strategy):
+        plan.save(run_dir / "plan.json")
+        (run_dir / "parameters.json").write_text(json.dumps(report, indent=2))
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    loss_fn = DiceCELoss(**OmegaConf.to_container(cfg.loss, resolve=True))
+
+    def make_dataset(epoch: int):
+        return make_training_data(
+            prepared.cache_dir,
+            prepared.train_ids,
+            patch,
+            int(cfg.data.batch_size),
+            oversample_foreground=float(cfg.data.oversample_foreground),
+            augment_cfg=cfg.data.augment,
+            seed=int(cfg.seed) * 10007 + epoch,
+            backend="tf",
+            num_workers=int(cfg.data.num_workers),
+            steps_per_epoch=int(cfg.trainer.steps_per_epoch),
+        )
+
+    val_ids = list(prepared.val_ids)
+    if cfg.trainer.max_val_cases is not None:
+        val_ids = val_ids[: int(cfg.trainer.max_val_cases)]
+
+    def validation_cases():
+        for case_id in val_ids:
+            image, label, _ = load_cached_case(prepared.cache_dir, case_id)
+            yield case_id, image, label
+
+    settings = LoopSettings(
+        max_epochs=int(cfg.trainer.max_epochs),
+        steps_per_epoch=int(cfg.trainer.steps_per_epoch),
+        initial_lr=float(cfg.optimizer.learning_rate),
+        lr_schedule=str(cfg.trainer.lr_schedule),
+        poly_exponent=float(cfg.trainer.poly_exponent),
+        val_every=int(cfg.trainer.val_every),
+        overlap=float(cfg.trainer.overlap),
+        sw_batch_size=int(cfg.trainer.sw_batch_size),
+        seed=int(cfg.seed),
+        jit_compile=jit,
+        progress=bool(cfg.trainer.progress),
+        label_names={v: k for k, v in plan.labels.items()},
+    )
+    trainer = Trainer(
+        strategy,
+        model,
+        optimizer,
+        loss_fn,
+        make_dataset,
+        validation_cases,
+        patch,
+        plan.num_classes,
+        run_dir,
+        settings,
+    )
+    last = trainer.fit()
+    objects = {"model": model, "run_dir": run_dir, "prepared": prepared, "report": report}
+    return last, objects
+
+
+@hydra.main(version_base="1.3", config_path="pkg://segshare.conf", config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    from segshare.data.validation import DatasetError
+    from segshare.training.loop import TrainingDiverged
+
+    try:
+        train(cfg)
+    except DatasetError as err:
+        print(str(err), file=sys.stderr)
+        sys.exit(2)
+    except (TrainingDiverged, ValueError) as err:
+        print(f"segshare-train: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def main() -> None:
+    """Console entry point ``segshare-train``."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""One training loop for every ``tf.distribute`` strategy: custom step, real validation, resume.
+
+Keras 3 ``model.fit`` fails under ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585), so the
+step is ours: ``strategy.run`` of a ``GradientTape`` step on a Keras model and optimizer. Every
+epoch ends with sliding-window validation on whole cases (per-case Dice, not patch pseudo-Dice),
+an atomic ``latest`` checkpoint, and the best model (by foreground-mean Dice) as ``model.keras``.
+Everything random is derived from ``(seed, epoch)``, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from segshare.inference.sliding_window import sliding_window_inference
+from segshare.training.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
+from segshare.training.schedules import learning_rate_at
+from segshare.training.strategy import is_chief
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class LoopSettings:
+    """What the loop needs from ``cfg.trainer`` (plain values, no Hydra)."""
+
+    max_epochs: int
+    steps_per_epoch: int
+    initial_lr: float
+    lr_schedule: str = "poly"
+    poly_exponent: float = 0.9
+    val_every: int = 1
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    seed: int = 12345
+    jit_compile: bool = False
+    progress: bool = True
+    label_names: dict[int, str] = field(default_factory=dict)
+
+
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
+    """Dice of classes ``1..K-1`` from one confusion count; NaN where both are empty."""
+    counts = np.bincount(
+        ref.astype(np.int64).ravel() * num_classes + pred.astype(np.int64).ravel(),
+        minlength=num_classes * num_classes,
+    ).reshape(num_classes, num_classes)
+    tp = np.diag(counts)[1:].astype(np.float64)
+    denom = counts.sum(0)[1:] + counts.sum(1)[1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, 2 * tp / denom, np.nan)
+
+
+class Trainer:
+    """Holds the model, optimizer, strategy and step; ``fit`` runs (or resumes) the epochs."""
+
+    def __init__(
+        self,
+        strategy: tf.distribute.Strategy,
+        model: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        loss_fn: Callable,
+        make_dataset: Callable[[int], tf.data.Dataset],
+        validation_cases: Callable[[], Sequence[tuple[str, np.ndarray, np.ndarray]]],
+        patch_size: Sequence[int],
+        num_classes: int,
+        run_dir: Path,
+        settings: LoopSettings,
+    ):
+        self.strategy, self.model, self.optimizer = strategy, model, optimizer
+        self.loss_fn, self.make_dataset = loss_fn, make_dataset
+        self.validation_cases = validation_cases
+        self.patch_size, self.num_classes = tuple(patch_size), int(num_classes)
+        self.run_dir, self.s = Path(run_dir), settings
+        self.chief = is_chief(strategy)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.log_path = self.run_dir / "train_log.csv"
+        self._train_step = tf.function(self._distributed_step, jit_compile=settings.jit_compile)
+        channels = model.input_shape[-1]
+        spec = tf.TensorSpec((None, *self.patch_size, channels), tf.float32)
+        self._predict = tf.function(self._predict_probs, input_signature=[spec])
+
+    # -- steps -------------------------------------------------------------------------------
+    def _replica_step(self, x, y):
+        with tf.GradientTape() as tape:
+            outputs = self.model(x, training=True)
+            loss = self.loss_fn(y, outputs)
+            scaled = self.optimizer.scale_loss(loss / self.strategy.num_replicas_in_sync)
+        grads = tape.gradient(scaled, self.model.trainable_variables)
+        self.optimizer.apply(grads, self.model.trainable_variables)
+        return loss
+
+    def _distributed_step(self, iterator):
+        x, y = next(iterator)
+        per_replica = self.strategy.run(self._replica_step, args=(x, y))
+        return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
+
+    def _predict_probs(self, x):
+        out = self.model(x, training=False)
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        return keras.ops.softmax(keras.ops.cast(out, "float32"), axis=-1)
+
+    # -- validation --------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        """Sliding-window prediction of every validation case; mean Dice per class (nanmean)."""
+        dices = []
+        for _case_id, image, label in self.validation_cases():
+            probs = sliding_window_inference(
+                np.asarray(image, dtype=np.float32),
+                lambda batch: self._predict(batch).numpy(),
+                self.patch_size,
+                overlap=self.s.overlap,
+                sw_batch_size=self.s.sw_batch_size,
+                num_classes=self.num_classes,
+            )
+            dices.append(dice_per_class(probs.argmax(-1), np.asarray(label), self.num_classes))
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = (
+                    np.nanmean(np.stack(dices), axis=0)
+                    if dices
+                    else np.full(self.num_classes - 1, np.nan)
+                )
+        result = {
+            f"val_dice_{self.s.label_names.get(k, k)}": float(v)
+            for k, v in enumerate(mean, start=1)
+        }
+        result["val_dice_fg_mean"] = (
+            float(np.nanmean(mean)) if np.isfinite(mean).any() else float("nan")
+        )
+        return result
+
+    # -- state -------------------------------------------------------------------------------
+    def _restore(self) -> tuple[int, float]:
+        found = find_checkpoint(self.ckpt_dir / "latest")
+        if found is None:
+            return 0, -math.inf
+        state = load_checkpoint(found, self.model, self.optimizer)
+        epoch = int(state["epoch"]) + 1
+        self._truncate_log(epoch)
+        print(f"Resuming from {found} at epoch {epoch} (best foreground Dice {state['best']:.4f}).")
+        return epoch, float(state["best"])
+
+    def _truncate_log(self, next_epoch: int) -> None:
+        if not self.log_path.exists() or not self.chief:
+            return
+        with open(self.log_path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) < next_epoch]
+        self._write_log(rows)
+
+    def _write_log(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        tmp = self.log_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[-1]))
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.log_path)
+
+    def _append_log(self, row: dict) -> None:
+        rows = []
+        if self.log_path.exists():
+            with open(self.log_path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        self._write_log([*rows, row])
+
+    def _save_best(self) -> None:
+        tmp = self.run_dir / ".model.tmp.keras"
+        self.model.save(tmp)
+        os.replace(tmp, self.run_dir / "model.keras")
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train from the latest checkpoint (if any) to ``max_epochs``; returns the last row."""
+        start, best = self._restore()
+        last: dict = {}
+        if start >= self.s.max_epochs:
+            print(f"Nothing to do: {self.s.max_epochs} epochs already trained in {self.run_dir}.")
+        writer = (
+            tf.summary.create_file_writer(str(self.run_dir / "tensorboard")) if self.chief else None
+        )
+        for epoch in range(start, self.s.max_epochs):
+            t0 = time.perf_counter()
+            lr = learning_rate_at(
+                epoch,
+                self.s.max_epochs,
+                self.s.initial_lr,
+                self.s.lr_schedule,
+                self.s.poly_exponent,
+            )
+            self.optimizer.learning_rate.assign(lr)
+            keras.utils.set_random_seed(self.s.seed + epoch)
+            dataset = self.make_dataset(epoch)
+            iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
+            losses = []
+            bar = tqdm(
+                range(self.s.steps_per_epoch),
+                desc=f"epoch {epoch + 1}/{self.s.max_epochs}",
+                disable=not (self.s.progress and self.chief),
+                leave=False,
+            )
+            for _ in bar:
+                loss = float(self._train_step(iterator))
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"Loss became {loss} in epoch {epoch}; stopped. The last good checkpoint "
+                        f"is kept in {self.ckpt_dir / 'latest'}."
+                    )
+                losses.append(loss)
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+            row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": lr}
+            if self.chief and (
+                (epoch + 1) % self.s.val_every == 0 or epoch + 1 == self.s.max_epochs
+            ):
+                row.update(self.validate())
+                score = row["val_dice_fg_mean"]
+                if math.isfinite(score) and score > best:
+                    best = score
+                    self._save_best()
+                    save_checkpoint(
+                        self.ckpt_dir / "best",
+                        self.model,
+                        self.optimizer,
+                        self._state(epoch, best, lr),
+                    )
+            row["best_val_dice_fg_mean"] = best if math.isfinite(best) else float("nan")
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            if self.chief:
+                self._append_log(row)
+                save_checkpoint(
+                    self.ckpt_dir / "latest",
+                    self.model,
+                    self.optimizer,
+                    self._state(epoch, best, lr),
+                )
+                with writer.as_default(step=epoch):
+                    for key, value in row.items():
+                        if key != "epoch":
+                            tf.summary.scalar(key, value)
+                writer.flush()
+                print(
+                    " ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in row.items()
+                    )
+                )
+            last = row
+        if self.chief and not (self.run_dir / "model.keras").exists():
+            self._save_best()  # no validation score yet: keep the last model
+        return last
+
+    def _state(self, epoch: int, best: float, lr: float) -> dict:
+        return {
+            "epoch": epoch,
+            "best": best if math.isfinite(best) else -1.0,
+            "learning_rate": lr,
+            "seed": self.s.seed,
+            "rng": {"keras_seed": self.s.seed + epoch, "data_seed": [self.s.seed, epoch]},
+        }
