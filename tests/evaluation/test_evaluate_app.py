@@ -175,3 +175,29 @@ def test_hippocampus_against_perturbed_copy(tmp_path):
     assert first["1"]["Dice"] == 1.0 and first["2"]["HD95"] == 0.0
     assert summary["metric_per_case"][2]["metrics"]["1"]["Dice"] < 1.0
     assert summary["num_missing_predictions"] == 1
+
+
+def test_cli_error_is_one_line_without_traceback(label_folders, tmp_path, monkeypatch, capsys):
+    from segshare.evaluate import main
+
+    argv = [
+        "segshare-evaluate",
+        f"pred={label_folders['pred']}",
+        f"ref={tmp_path / 'nope'}",
+        f"output={tmp_path / 'o'}",
+        f"hydra.run.dir={tmp_path / 'h'}",
+    ]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "segshare-evaluate: error: folder not found" in err and "Traceback" not in err
+
+
+def test_report_with_a_label_absent_everywhere(label_folders, tmp_path):
+    out = tmp_path / "absent"
+    _evaluate(label_folders, out, labels=[1, 7], images_dir=label_folders["images"])
+    md = (out / "report.md").read_text()
+    assert "| Dice | 7 (7) | NaN | NaN | NaN | 0 | 0 |" in md
+    assert (out / "overlays.png").stat().st_size > 0
