@@ -73,6 +73,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     from segshare.training.loop import LoopSettings, Trainer
     from segshare.training.strategy import is_chief, make_strategy
 
+    # MultiWorkerMirroredStrategy must exist before other TensorFlow work in the process.
+    strategy = make_strategy(str(cfg.trainer.strategy))
     jit = _configure_tensorflow(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +82,6 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     check_patch_size(patch, len(cfg.model.features), int(cfg.model.spatial_dims))
     prepared = prepare_dataset(cfg.data, progress=bool(cfg.trainer.progress))
     plan = prepared.plan
-    strategy = make_strategy(str(cfg.trainer.strategy))
     with strategy.scope():
         model = instantiate(
             cfg.model,
@@ -128,6 +129,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     settings = LoopSettings(
         max_epochs=int(cfg.trainer.max_epochs),
         steps_per_epoch=int(cfg.trainer.steps_per_epoch),
+        epochs_per_run=cfg.trainer.epochs_per_run,
         initial_lr=float(cfg.optimizer.learning_rate),
         lr_schedule=str(cfg.trainer.lr_schedule),
         poly_exponent=float(cfg.trainer.poly_exponent),

@@ -39,6 +39,7 @@ class LoopSettings:
     max_epochs: int
     steps_per_epoch: int
     initial_lr: float
+    epochs_per_run: int | None = None
     lr_schedule: str = "poly"
     poly_exponent: float = 0.9
     val_every: int = 1
@@ -195,7 +196,10 @@ class Trainer:
         writer = (
             tf.summary.create_file_writer(str(self.run_dir / "tensorboard")) if self.chief else None
         )
-        for epoch in range(start, self.s.max_epochs):
+        stop = self.s.max_epochs
+        if self.s.epochs_per_run:
+            stop = min(stop, start + int(self.s.epochs_per_run))
+        for epoch in range(start, stop):
             t0 = time.perf_counter()
             lr = learning_rate_at(
                 epoch,
@@ -261,6 +265,8 @@ class Trainer:
                     )
                 )
             last = row
+        if stop < self.s.max_epochs and self.chief:
+            print(f"Stopped after epoch {stop - 1} (trainer.epochs_per_run); rerun to continue.")
         if self.chief and not (self.run_dir / "model.keras").exists():
             self._save_best()  # no validation score yet: keep the last model
         return last

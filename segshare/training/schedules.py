@@ -1,4 +1,4 @@
-"""Learning-rate schedules as pure functions of the epoch (so a resumed run needs no extra state)."""
+"""Learning-rate schedules as pure functions of the epoch (a resumed run needs no extra state)."""
 
 from __future__ import annotations
 

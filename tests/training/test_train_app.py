@@ -1,0 +1,183 @@
+"""The training app end to end on tiny synthetic data: outputs, resume, SIGKILL, two workers."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from segshare.train import train
+
+
+def _log(run_dir: Path) -> list[dict]:
+    with open(run_dir / "train_log.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_train_writes_a_usable_run_folder(make_cfg, tmp_path):
+    last, objects = train(make_cfg())
+    run = tmp_path / "run"
+    for name in ("model.keras", "plan.json", "config.yaml", "parameters.json", "train_log.csv"):
+        assert (run / name).is_file(), name
+    for ckpt in ("latest", "best"):
+        assert (run / "checkpoints" / ckpt / "state.json").is_file()
+    assert any((run / "tensorboard").iterdir())
+    rows = _log(run)
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert {"train_loss", "lr", "val_dice_fg_mean", "seconds"} <= set(rows[0])
+    assert any(k.startswith("val_dice_") and k != "val_dice_fg_mean" for k in rows[0])
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"])  # poly decay
+    model = keras.models.load_model(run / "model.keras")  # plain load, no custom_objects
+    assert model.output_shape[-1] == json.loads((run / "plan.json").read_text())["num_classes"]
+    assert json.loads((run / "parameters.json").read_text())["sharing"] == "stage"
+
+
+def _weights(run_dir: Path) -> list[np.ndarray]:
+    model = keras.models.load_model(run_dir / "model.keras")
+    model.load_weights(run_dir / "checkpoints" / "latest" / "model.weights.h5")
+    return [np.asarray(w) for w in model.weights]
+
+
+def test_resume_2_then_4_epochs_equals_uninterrupted_4(make_cfg, tmp_path):
+    det = ["trainer.deterministic=true", "trainer.max_epochs=4", "data.augment.p_rotation=0.5"]
+    train(make_cfg(*det, run_dir=tmp_path / "straight"))
+    # A job that may run 2 epochs at a time (as under a SLURM time limit), started twice.
+    train(make_cfg(*det, "trainer.epochs_per_run=2", run_dir=tmp_path / "resumed"))
+    assert [r["epoch"] for r in _log(tmp_path / "resumed")] == ["0", "1"]
+    train(make_cfg(*det, "trainer.epochs_per_run=2", run_dir=tmp_path / "resumed"))
+    straight, resumed = _log(tmp_path / "straight"), _log(tmp_path / "resumed")
+    assert [r["epoch"] for r in resumed] == ["0", "1", "2", "3"]
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in straight]
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]
+    for a, b in zip(_weights(tmp_path / "straight"), _weights(tmp_path / "resumed"), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_raising_max_epochs_extends_a_finished_run(make_cfg, tmp_path, capsys):
+    train(make_cfg("trainer.max_epochs=1", run_dir=tmp_path / "run"))
+    train(make_cfg("trainer.max_epochs=2", run_dir=tmp_path / "run"))
+    assert "Resuming" in capsys.readouterr().out
+    rows = _log(tmp_path / "run")
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert float(rows[1]["lr"]) == pytest.approx(0.01 * 0.5**0.9)  # the extended schedule
+
+
+def _cli(overrides: list[str], run_dir: Path, data_root: Path) -> list[str]:
+    from tests.training.conftest import TINY
+
+    return [
+        sys.executable,
+        "-m",
+        "segshare.train",
+        *TINY,
+        *overrides,
+        f"paths.data_dir={data_root}",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def test_sigkill_during_an_epoch_resumes_from_last_completed_epoch(tiny_data_root, tmp_path):
+    run = tmp_path / "killed"
+    cmd = _cli(["trainer.max_epochs=3", "trainer.steps_per_epoch=40"], run, tiny_data_root)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    state = run / "checkpoints" / "latest" / "state.json"
+    deadline = time.time() + 240
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert state.exists(), proc.communicate()[0].decode()[-3000:]
+    time.sleep(1.0)  # now inside epoch 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(state.read_text())["epoch"] == 0
+    assert [r["epoch"] for r in _log(run)] == ["0"]
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "at epoch 1" in rerun.stdout
+    assert [r["epoch"] for r in _log(run)] == ["0", "1", "2"]
+    assert not list(run.glob("**/*.tmp*"))
+
+
+WORKER = """
+import json, os, sys
+from hydra import compose, initialize_config_module
+from segshare.train import train
+overrides, out = json.loads(sys.argv[1]), sys.argv[2]
+with initialize_config_module(version_base="1.3", config_module="segshare.conf"):
+    cfg = compose(config_name="train", overrides=overrides)
+_, objects = train(cfg)
+objects["model"].save_weights(out)
+print("WORKER_DONE", objects["prepared"].plan.num_classes)
+"""
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_two_workers_on_loopback_end_with_identical_weights(make_cfg, tmp_path):
+    from segshare.data.prepare import prepare_dataset
+
+    prepare_dataset(make_cfg().data, progress=False)  # both workers reuse the same cache
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        from tests.training.conftest import TINY
+
+        overrides = [
+            *TINY,
+            "trainer.strategy=multi_worker",
+            "trainer.max_epochs=1",
+            f"paths.root_dir={tmp_path}",
+            f"paths.data_dir={make_cfg().paths.data_dir}",
+            f"paths.output_dir={tmp_path / f'run{index}'}",
+        ]
+        env = {
+            **os.environ,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "TF_CONFIG": json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            ),
+        }
+        out = tmp_path / f"worker{index}.weights.h5"
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), json.dumps(overrides), str(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    results = [p.communicate(timeout=420) for p in procs]
+    for proc, (stdout, stderr) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, stderr[-3000:]
+        assert "WORKER_DONE" in stdout
+    assert (tmp_path / "run0" / "model.keras").exists()  # the chief writes the run
+    assert not (tmp_path / "run1" / "model.keras").exists()  # the other worker does not
+    models = []
+    for index in range(2):
+        model = keras.models.load_model(tmp_path / "run0" / "model.keras")
+        model.load_weights(tmp_path / f"worker{index}.weights.h5")
+        models.append([np.asarray(w) for w in model.weights])
+    initial = keras.models.load_model(tmp_path / "run0" / "model.keras")
+    for a, b in zip(*models, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(models[0]) == len(initial.weights)

@@ -1,0 +1,97 @@
+"""Losses, schedules, checkpoints, strategies: small pure pieces of training."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from segshare.losses import DiceCELoss, deep_supervision_weights, dice_ce_loss, soft_dice_loss
+from segshare.training.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
+from segshare.training.loop import dice_per_class
+from segshare.training.schedules import learning_rate_at
+from segshare.training.strategy import make_strategy
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_soft_dice_and_ce_match_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 6, 7, 3)).astype("float32")
+    labels = rng.integers(0, 3, size=(2, 5, 6, 7))
+    p = _softmax(logits.astype(np.float64))
+    onehot = np.eye(3)[labels]
+    inter = (p * onehot).sum((0, 1, 2, 3))
+    dice = (2 * inter + 1e-5) / (p.sum((0, 1, 2, 3)) + onehot.sum((0, 1, 2, 3)) + 1e-5)
+    ce = -np.log(np.take_along_axis(p, labels[..., None], -1)).mean()
+    np.testing.assert_allclose(
+        float(soft_dice_loss(labels, logits)), 1 - dice[1:].mean(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        float(dice_ce_loss(labels, logits, include_background=True)),
+        ce + 1 - dice.mean(),
+        rtol=1e-5,
+    )
+
+
+def test_perfect_prediction_has_low_loss_and_deep_supervision_weights():
+    labels = np.zeros((1, 8, 8, 8), dtype="int32")
+    labels[:, 2:6, 2:6, 2:6] = 1
+    logits = (np.eye(2)[labels] * 40.0).astype("float32")
+    assert float(DiceCELoss()(labels, logits)) < 1e-4
+    weights = deep_supervision_weights(3)
+    assert weights == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    coarse = logits[:, ::2, ::2, ::2]
+    assert float(DiceCELoss()(labels, [logits, coarse])) < 1e-4
+    wrong = [logits, -coarse]  # the coarse level is wrong: the loss sees it with weight 1/3
+    assert float(DiceCELoss()(labels, wrong)) > 1.0 / 3
+
+
+def test_poly_schedule():
+    assert learning_rate_at(0, 10, 0.01) == pytest.approx(0.01)
+    assert learning_rate_at(5, 10, 0.01) == pytest.approx(0.01 * 0.5**0.9)
+    assert learning_rate_at(10, 10, 0.01) == 0.0
+    assert learning_rate_at(3, 10, 0.01, "constant") == 0.01
+    with pytest.raises(ValueError, match="got 'cosine'"):
+        learning_rate_at(1, 10, 0.01, "cosine")
+
+
+def test_dice_per_class_counts_and_nan():
+    ref = np.array([[0, 1, 1, 2]])
+    pred = np.array([[0, 1, 0, 0]])
+    d = dice_per_class(pred, ref, 4)
+    assert d[0] == pytest.approx(2 / 3)
+    assert d[1] == 0.0
+    assert np.isnan(d[2])  # class 3 absent from both
+
+
+def test_checkpoint_round_trip_and_interrupted_swap(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    opt = keras.optimizers.SGD(0.1, momentum=0.9)
+    opt.build(model.trainable_variables)
+    x, y = np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")
+    model.compile(opt, "mse")
+    model.train_on_batch(x, y)
+    save_checkpoint(tmp_path / "latest", model, opt, {"epoch": 3, "best": 0.5})
+    clone = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    clone_opt = keras.optimizers.SGD(0.1, momentum=0.9)
+    state = load_checkpoint(tmp_path / "latest", clone, clone_opt)
+    assert state["epoch"] == 3
+    for a, b in zip(
+        model.weights + opt.variables, clone.weights + clone_opt.variables, strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A swap interrupted after moving the old checkpoint aside still finds a whole one.
+    (tmp_path / "latest").rename(tmp_path / "latest.old")
+    assert find_checkpoint(tmp_path / "latest") == tmp_path / "latest.old"
+    (tmp_path / "latest.old" / "state.json").unlink()
+    assert find_checkpoint(tmp_path / "latest") is None
+    assert json.loads("1") == 1
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="got 'tpu'"):
+        make_strategy("tpu")
