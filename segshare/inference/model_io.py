@@ -1,0 +1,159 @@
+"""Loading a trained model safely and turning it into a fast batched ``predict_fn``.
+
+A trained run folder (from ``segshare-train``) holds ``model.keras``, ``plan.json`` (the
+preprocessing Plan) and ``config.yaml``. ``model_path`` may name the folder or the ``.keras`` file
+(with ``plan.json`` beside it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODEL_FILE = "model.keras"
+PLAN_FILE = "plan.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class RunFiles:
+    """Where the pieces of a trained run live."""
+
+    model: Path
+    plan: Path
+    config: Path | None
+
+
+def resolve_run(model_path: str | Path) -> RunFiles:
+    """Find ``model.keras``, ``plan.json`` and ``config.yaml`` from a run folder or model file.
+
+    Raises:
+        ValueError: When the model file or the plan beside it is missing.
+    """
+    path = Path(model_path).expanduser()
+    model = path / MODEL_FILE if path.is_dir() else path
+    if not model.is_file():
+        raise ValueError(
+            f"model_path={str(model_path)!r}: no model found (expected a .keras file or a run "
+            f"folder holding {MODEL_FILE})."
+        )
+    if model.suffix != ".keras":
+        raise ValueError(f"model_path={str(model_path)!r}: expected a Keras 3 '.keras' file.")
+    plan = model.parent / PLAN_FILE
+    if not plan.is_file():
+        raise ValueError(
+            f"{model}: no {PLAN_FILE} beside it; the preprocessing plan of the training run is "
+            f"needed to predict (copy it from the run folder)."
+        )
+    config = model.parent / CONFIG_FILE
+    return RunFiles(model=model, plan=plan, config=config if config.is_file() else None)
+
+
+def load_model_safely(path: str | Path) -> Any:
+    """Load a ``.keras`` model with Keras safe mode on (no arbitrary code is ever run).
+
+    segshare's own layers are registered first, so models built by ``segshare.models`` load.
+
+    Raises:
+        ValueError: Naming the file when it holds code that safe mode refuses (a ``Lambda``
+            layer) or cannot be read as a Keras model.
+    """
+    import keras
+
+    try:  # registers segshare's serialisable layers (absent while the models are being built)
+        import segshare.models  # noqa: F401
+    except ImportError:
+        pass
+    path = Path(path)
+    lambdas = _lambda_layers(path)
+    if lambdas:
+        raise ValueError(
+            f"{path}: refused to load: the model contains arbitrary Python code (Lambda layer "
+            f"{', '.join(map(repr, lambdas))}), which is never executed (Keras safe mode). Rebuild "
+            f"the model without Lambda layers, or make the code a registered serialisable layer."
+        )
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as err:  # keras raises ValueError/TypeError/zipfile errors alike
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: cannot load the Keras model (safe mode): {first}") from err
+
+
+def _lambda_layers(path: Path) -> list[str]:
+    """Names of the ``Lambda`` layers in a ``.keras`` archive's config (read, never executed)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: not a readable .keras model archive ({err}).") from None
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("class_name") == "Lambda":
+                found.append(str(node.get("config", {}).get("name", "?")))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    return found
+
+
+def mirror_axes_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """All subsets of ``axes``, the identity first: the flips of mirroring TTA."""
+    return [c for n in range(len(axes) + 1) for c in itertools.combinations(axes, n)]
+
+
+def make_predict_fn(
+    model: Any, *, tta: bool = False, mirror_axes: Sequence[int] = (1, 2, 3)
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Wrap a Keras model mapping ``(B, D, H, W, C)`` to logits ``(B, D, H, W, K)``.
+
+    The returned function maps a float32 NumPy batch to softmax probabilities (NumPy float32). On
+    the TensorFlow backend the forward pass and softmax run in one ``tf.function`` traced once for
+    any batch and window size (no per-call ``model.predict`` overhead); on other backends the model
+    is called directly. With ``tta`` the probabilities are averaged over all mirrorings of the
+    batch along ``mirror_axes`` (batch axes 1..3 = spatial axes), each flipped back.
+    """
+    import keras
+
+    flips = mirror_axes_combinations(tuple(mirror_axes)) if tta else [()]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        channels = model.inputs[0].shape[-1] if getattr(model, "inputs", None) else None
+        spec = tf.TensorSpec([None, None, None, None, channels], tf.float32)
+
+        @tf.function(input_signature=[spec])
+        def forward(x):
+            total = None
+            for axes in flips:
+                xi = tf.reverse(x, axes) if axes else x
+                p = tf.nn.softmax(model(xi, training=False), axis=-1)
+                p = tf.reverse(p, axes) if axes else p
+                total = p if total is None else total + p
+            return total / len(flips) if len(flips) > 1 else total
+
+        return lambda batch: forward(batch).numpy()
+
+    def forward_any(batch: np.ndarray) -> np.ndarray:
+        total = None
+        for axes in flips:
+            xi = np.flip(batch, axes) if axes else batch
+            logits = model(keras.ops.convert_to_tensor(xi), training=False)
+            p = keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
+            p = np.flip(p, axes) if axes else p
+            total = p if total is None else total + p
+        return (total / len(flips)).astype(np.float32, copy=False)
+
+    return forward_any

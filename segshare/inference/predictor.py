@@ -1,0 +1,272 @@
+"""Case in -> NIfTI out: preprocess, sliding-window predict, restore to the scan's grid, write.
+
+:class:`Predictor` predicts one case; :func:`predict_cases` runs a list of cases with the next case
+read and the last one written in background threads while the current one is computed, skips
+outputs that already exist, and never lets one bad case stop the batch.
+
+Output per case (atomic: temporary name in the same folder, then ``os.replace``):
+``<case>.nii.gz`` (uint8 labels with the input's shape, affine, qform/sform and codes, header
+otherwise copied) and, with ``save_probabilities``, ``<case>.npz`` holding ``probabilities``
+``(I, J, K, num_classes)`` float32 on the same voxel grid.
+
+Non-finite voxels: a scan with NaN or Inf voxels is **refused** (listed as a failure): silently
+replacing them would hide a broken conversion, and the value to use is the user's call.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from segshare.data.discovery import Case
+from segshare.data.io import _atomic_target, load_nifti, save_nifti_atomic, write_json_atomic
+from segshare.data.preprocessing import Plan, preprocess_case, restore_to_original
+from segshare.inference.sliding_window import sliding_window_inference
+
+FAILURES_FILE = "failures.json"
+NIFTI_INTENT_LABEL = 1002
+
+
+@dataclass
+class PredictReport:
+    """What a batch did: case ids written and skipped, and one dict per failure."""
+
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def select_shard(cases: Sequence[Case], index: int, count: int) -> list[Case]:
+    """The deterministic share ``index`` of ``count`` of the cases sorted by ``case_id``.
+
+    Cases are dealt round-robin (``sorted[index::count]``), so shard sizes differ by at most one
+    and every case belongs to exactly one shard.
+
+    Raises:
+        ValueError: Unless ``count >= 1`` and ``0 <= index < count``.
+    """
+    if int(count) != count or count < 1:
+        raise ValueError(f"shard.count must be a positive integer, got {count!r}.")
+    if int(index) != index or not 0 <= index < count:
+        raise ValueError(f"shard.index must be in [0, {count - 1}], got {index!r}.")
+    return sorted(cases, key=lambda c: c.case_id)[int(index) :: int(count)]
+
+
+def failures_file_name(index: int = 0, count: int = 1) -> str:
+    """``failures.json``, or ``failures.shard-K-of-N.json`` when the batch is sharded."""
+    return FAILURES_FILE if count == 1 else f"failures.shard-{index}-of-{count}.json"
+
+
+def output_paths(output_dir: Path, case_id: str) -> tuple[Path, Path]:
+    """``(<case>.nii.gz, <case>.npz)`` in ``output_dir``."""
+    return output_dir / f"{case_id}.nii.gz", output_dir / f"{case_id}.npz"
+
+
+def label_nifti(labels: np.ndarray, source: nib.Nifti1Image) -> nib.Nifti1Image:
+    """Wrap a label map in a NIfTI with the source scan's geometry and header.
+
+    Args:
+        labels: ``(I, J, K)`` integer labels on the source's voxel grid.
+        source: The input scan (only its header is used).
+
+    Returns:
+        A uint8 image with the source's affine, qform/sform (and their codes), zooms, units and
+        description; no intensity scaling; intent "label"; cal_min/cal_max = label range.
+    """
+    header = source.header.copy()
+    header.set_data_shape(labels.shape)
+    header.set_data_dtype(np.uint8)
+    img = nib.Nifti1Image(labels.astype(np.uint8, copy=False), source.affine, header=header)
+    img.set_qform(source.header.get_qform(), code=int(source.header["qform_code"]))
+    img.set_sform(source.header.get_sform(), code=int(source.header["sform_code"]))
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header.set_intent(NIFTI_INTENT_LABEL)
+    img.header["cal_min"], img.header["cal_max"] = 0, int(labels.max()) if labels.size else 0
+    return img
+
+
+class Predictor:
+    """Predicts cases with one model and its preprocessing plan.
+
+    Args:
+        predict_fn: ``(B, *roi, C)`` float32 -> ``(B, *roi, K)`` probabilities (see
+            :func:`segshare.inference.model_io.make_predict_fn`).
+        plan: The preprocessing plan the model was trained with.
+        roi_size: Sliding-window size on the preprocessed grid (the training patch size).
+        overlap: Window overlap in ``[0, 1)``.
+        sw_batch_size: Windows per model call.
+        sigma_scale: Gaussian sigma as a fraction of ``roi_size``.
+        progress: Show a progress bar over the windows of each case.
+    """
+
+    def __init__(
+        self,
+        predict_fn: Callable[[np.ndarray], np.ndarray],
+        plan: Plan,
+        roi_size: Sequence[int],
+        *,
+        overlap: float = 0.5,
+        sw_batch_size: int = 2,
+        sigma_scale: float = 0.125,
+        progress: bool = False,
+    ):
+        self.predict_fn, self.plan = predict_fn, plan
+        self.roi_size = tuple(int(r) for r in roi_size)
+        self.overlap, self.sw_batch_size = float(overlap), int(sw_batch_size)
+        self.sigma_scale, self.progress = float(sigma_scale), bool(progress)
+
+    def load(self, case: Case) -> tuple[np.ndarray, dict[str, Any], nib.Nifti1Image]:
+        """Read and preprocess a case: ``(image (D, H, W, C) float32, properties, source)``.
+
+        Raises:
+            ValueError: Naming the file, when it is unreadable, mismatched or not finite.
+        """
+        source = load_nifti(case.images[0])
+        image, _, props = preprocess_case(case.images, None, self.plan)
+        bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+        if bad:
+            names = ", ".join(str(p) for p in case.images)
+            raise ValueError(
+                f"{names}: the scan holds NaN or Inf voxels ({bad} non-finite voxels after "
+                f"preprocessing); refused. Replace them (e.g. with the background value) and "
+                f"re-run."
+            )
+        return image, props, source
+
+    def predict_array(self, image: np.ndarray) -> np.ndarray:
+        """Probabilities ``(D, H, W, K)`` float32 for a preprocessed ``(D, H, W, C)`` image."""
+        return sliding_window_inference(
+            image,
+            self.predict_fn,
+            self.roi_size,
+            overlap=self.overlap,
+            sw_batch_size=self.sw_batch_size,
+            sigma_scale=self.sigma_scale,
+            num_classes=self.plan.num_classes,
+            progress=self.progress,
+        )
+
+    def write(
+        self,
+        case_id: str,
+        probs: np.ndarray,
+        props: dict[str, Any],
+        source: nib.Nifti1Image,
+        output_dir: Path,
+        save_probabilities: bool = False,
+    ) -> Path:
+        """Restore ``probs`` to the scan's grid, write the labels (and probabilities) atomically."""
+        restored = restore_to_original(probs, props, is_label=False)
+        del probs
+        labels = restored.argmax(axis=-1).astype(np.uint8)
+        nii_path, npz_path = output_paths(output_dir, case_id)
+        if save_probabilities:  # before the NIfTI: an existing NIfTI means the case is complete
+            with _atomic_target(npz_path, ".npz") as tmp:
+                np.savez_compressed(tmp, probabilities=restored)
+        del restored
+        return save_nifti_atomic(label_nifti(labels, source), nii_path)
+
+
+def _remove_stale_temporaries(output_dir: Path, case_ids: Sequence[str]) -> None:
+    """Delete temporary files a killed run left for these cases (other shards' are untouched)."""
+    for case_id in case_ids:
+        for pattern in (f".{case_id}.nii.gz.*", f".{case_id}.npz.*"):
+            for tmp in output_dir.glob(pattern):
+                tmp.unlink(missing_ok=True)
+
+
+def predict_cases(
+    predictor: Predictor,
+    cases: Sequence[Case],
+    output_dir: str | os.PathLike,
+    *,
+    save_probabilities: bool = False,
+    skip_existing: bool = True,
+    failures_name: str = FAILURES_FILE,
+    progress: bool = True,
+) -> PredictReport:
+    """Predict every case into ``output_dir``; one bad case never stops the others.
+
+    Reading/preprocessing of the next case and restoring/writing of the previous one run in
+    background threads while the current case is computed. Existing outputs are skipped, so a
+    re-run after a crash only does the missing cases. Failures (file and reason) are returned and
+    written to ``output_dir/failures_name`` (an empty list when none failed).
+
+    Args:
+        predictor: The configured :class:`Predictor`.
+        cases: The cases to predict (already sharded).
+        output_dir: Destination folder (created).
+        save_probabilities: Also write ``<case>.npz`` with the class probabilities.
+        skip_existing: Skip cases whose ``<case>.nii.gz`` (and ``.npz`` if asked) exist.
+        failures_name: File name of the failure list inside ``output_dir``.
+        progress: Show a progress bar over cases.
+
+    Returns:
+        A :class:`PredictReport`.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = PredictReport()
+    todo = []
+    for case in cases:
+        nii, npz = output_paths(out, case.case_id)
+        if skip_existing and nii.exists() and (npz.exists() or not save_probabilities):
+            report.skipped.append(case.case_id)
+        else:
+            todo.append(case)
+    _remove_stale_temporaries(out, [c.case_id for c in todo])
+    lock = threading.Lock()
+
+    def fail(case: Case, err: BaseException) -> None:
+        with lock:
+            report.failed.append(
+                {"case_id": case.case_id, "file": str(case.images[0]), "reason": str(err)}
+            )
+
+    def write(case: Case, probs, props, source) -> None:
+        try:
+            predictor.write(case.case_id, probs, props, source, out, save_probabilities)
+            with lock:
+                report.written.append(case.case_id)
+        except Exception as err:  # noqa: BLE001 - reported per case
+            fail(case, err)
+
+    bar = tqdm(total=len(todo), desc="cases", unit="case", disable=not progress)
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        loads = [reader.submit(predictor.load, todo[0])] if todo else []
+        last_write: Future | None = None
+        for i, case in enumerate(todo):
+            if i + 1 < len(todo):
+                loads.append(reader.submit(predictor.load, todo[i + 1]))
+            try:
+                image, props, source = loads[i].result()
+                loads[i] = None  # drop the reference: the image is freed after prediction
+                probs = predictor.predict_array(image)
+                del image
+            except Exception as err:  # noqa: BLE001 - reported per case
+                fail(case, err)
+                bar.update(1)
+                continue
+            if last_write is not None:
+                last_write.result()  # at most one case waits in memory to be written
+            last_write = writer.submit(write, case, probs, props, source)
+            del probs
+            bar.update(1)
+    bar.close()
+    report.failed.sort(key=lambda f: f["case_id"])
+    write_json_atomic(report.failed, out / failures_name)
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,126 @@
+"""``segshare-predict``: label maps for NIfTI scans from a model trained by ``segshare-train``.
+
+    segshare-predict model_path=outputs/train/RUN input=/data/imagesTs output=preds
+    segshare-predict -m model_path=RUN input=DIR output=preds shard.index=0,1 shard.count=2 \
+        hydra/launcher=joblib
+
+``run(cfg)`` is the testable function; ``main()`` is the thin Hydra entry point. Exit status: 0 when
+every case was predicted (or already existed), 1 when any case failed (all good cases are still
+written; the failures are listed and saved in ``output/failures.json``), 2 on a setup error
+(bad ``model_path``, ``input`` or option).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from segshare.inference.predictor import PredictReport
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _roi_size(cfg: DictConfig, config_path: Path | None) -> tuple[int, int, int]:
+    """The window size: ``inference.roi_size``, else the run's training ``data.patch_size``."""
+    roi = cfg.inference.roi_size
+    if roi is None and config_path is not None:
+        roi = OmegaConf.select(OmegaConf.load(config_path), "data.patch_size")
+    if roi is None:
+        raise ValueError(
+            "inference.roi_size is not set and the run folder has no config.yaml with "
+            "data.patch_size; pass inference.roi_size=[D,H,W]."
+        )
+    roi = list(roi) if not isinstance(roi, int) else [roi] * 3
+    if len(roi) != 3 or any(int(r) != r or int(r) < 1 for r in roi):
+        raise ValueError(f"roi_size must be three positive integers, got {roi!r}.")
+    return tuple(int(r) for r in roi)
+
+
+def run(cfg: DictConfig) -> PredictReport:
+    """Predict every case of ``cfg.input`` (this shard's share) into ``cfg.output``.
+
+    Args:
+        cfg: A composed ``predict.yaml`` config.
+
+    Returns:
+        The :class:`~segshare.inference.predictor.PredictReport` (written, skipped, failed).
+
+    Raises:
+        ValueError: On a setup problem (model, plan, input path, option); the message names it.
+    """
+    from segshare.data.discovery import discover_images
+    from segshare.data.preprocessing import Plan
+    from segshare.inference.model_io import load_model_safely, make_predict_fn, resolve_run
+    from segshare.inference.predictor import (
+        Predictor,
+        failures_file_name,
+        predict_cases,
+        select_shard,
+    )
+
+    index, count = cfg.shard.index, cfg.shard.count
+    files = resolve_run(cfg.model_path)
+    plan = Plan.load(files.plan)
+    roi = _roi_size(cfg, files.config)
+    cases = select_shard(discover_images(cfg.input), index, count)
+    model = load_model_safely(files.model)
+    channels = model.inputs[0].shape[-1] if getattr(model, "inputs", None) else None
+    if channels is not None and channels != plan.in_channels:
+        raise ValueError(
+            f"{files.model}: the model takes {channels} channels but {files.plan} says "
+            f"{plan.in_channels}."
+        )
+    mirror_axes = [int(a) + 1 for a in cfg.inference.mirror_axes]
+    predictor = Predictor(
+        make_predict_fn(model, tta=bool(cfg.tta), mirror_axes=mirror_axes),
+        plan,
+        roi,
+        overlap=float(cfg.overlap),
+        sw_batch_size=int(cfg.sw_batch_size),
+        sigma_scale=float(cfg.inference.sigma_scale),
+        progress=bool(cfg.inference.progress),
+    )
+    return predict_cases(
+        predictor,
+        cases,
+        Path(cfg.output),
+        save_probabilities=bool(cfg.save_probabilities),
+        skip_existing=bool(cfg.inference.skip_existing),
+        failures_name=failures_file_name(int(index), int(count)),
+        progress=bool(cfg.inference.progress),
+    )
+
+
+def format_report(report: PredictReport, output: str) -> str:
+    """A short human summary of a batch, listing every failure with its file and reason."""
+    lines = [
+        f"segshare-predict: {len(report.written)} written, {len(report.skipped)} already there "
+        f"(skipped), {len(report.failed)} failed in {report.seconds:.1f} s -> {output}"
+    ]
+    for f in report.failed:
+        lines.append(f"  FAILED {f['case_id']}: {f['reason']}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://segshare.conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    """Console entry point ``segshare-predict model_path=RUN input=PATH output=DIR``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        report = run(cfg)
+    except (ValueError, TypeError, FileNotFoundError, OmegaConfBaseException) as err:
+        print(f"segshare-predict: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(format_report(report, str(cfg.output)), file=sys.stderr if report.failed else sys.stdout)
+    if report.failed:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # Let the launcher finish the other shards; the sweep then fails with this message.
+            raise RuntimeError(f"{len(report.failed)} case(s) failed; see {cfg.output}")
+        raise SystemExit(1)

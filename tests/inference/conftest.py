@@ -1,0 +1,104 @@
+"""Fixtures for the inference tests: a tiny trained-run folder and scans with chosen geometry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+PATCH = (16, 16, 16)
+
+
+def threshold_model(in_channels: int = 1, gain: float = 20.0):
+    """A 1x1x1 conv giving class 1 where channel 0 > 0 (after z-scoring: above the mean)."""
+    import keras
+
+    inputs = keras.Input((None, None, None, in_channels))
+    conv = keras.layers.Conv3D(2, 1, name="head")
+    model = keras.Model(inputs, conv(inputs))
+    kernel = np.zeros((1, 1, 1, in_channels, 2), np.float32)
+    kernel[..., 0, 0], kernel[..., 0, 1] = -gain, gain
+    conv.set_weights([kernel, np.zeros(2, np.float32)])
+    return model
+
+
+def make_run_dir(folder: Path, model=None, in_channels: int = 1, spacing=(1.0, 1.0, 1.0)) -> Path:
+    """Write a run folder like segshare-train's: model.keras, plan.json, config.yaml."""
+    from segshare.data.preprocessing import Plan
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (model or threshold_model(in_channels)).save(folder / "model.keras")
+    Plan(
+        target_spacing=tuple(spacing),
+        normalization=["zscore"] * in_channels,
+        ct_stats=None,
+        labels={"background": 0, "bright": 1},
+        in_channels=in_channels,
+        num_classes=2,
+    ).save(folder / "plan.json")
+    (folder / "config.yaml").write_text(f"data:\n  patch_size: {list(PATCH)}\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> Path:
+    """A trained-run folder with the threshold model (1 channel, 2 classes, 1 mm plan)."""
+    return make_run_dir(tmp_path_factory.mktemp("run"))
+
+
+def write_scan(
+    path: Path,
+    data: np.ndarray,
+    affine: np.ndarray,
+    qform_code: int = 1,
+    sform_code: int = 1,
+    dtype=np.int16,
+) -> Path:
+    """Save ``data`` as NIfTI with the given affine and qform/sform codes."""
+    img = nib.Nifti1Image(data.astype(dtype), affine)
+    img.set_qform(affine, code=qform_code)
+    img.set_sform(affine, code=sform_code)
+    img.header["descrip"] = b"test scan"
+    nib.save(img, str(path))
+    return path
+
+
+def random_scan(shape, seed: int = 0) -> np.ndarray:
+    """Smooth positive intensities (no zero voxel, so preprocessing crops nothing)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    return 100 + 1000 * gaussian_filter(rng.random(shape), 2.0)
+
+
+def oblique_affine(spacing=(1.0, 1.0, 1.0), degrees: float = 20.0) -> np.ndarray:
+    """An affine rotated about two axes, with the given voxel spacing."""
+    a, b = np.deg2rad(degrees), np.deg2rad(degrees / 2)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ rx @ np.diag(spacing)
+    affine[:3, 3] = [-12.5, 30.0, 7.25]
+    return affine
+
+
+@pytest.fixture()
+def compose_cfg(tmp_path):
+    """Compose the real predict.yaml with outputs under ``tmp_path`` (no progress bars)."""
+    from hydra import compose, initialize_config_module
+
+    def _compose(*overrides: str):
+        with initialize_config_module(version_base="1.3", config_module="segshare.conf"):
+            return compose(
+                "predict",
+                overrides=[
+                    f"paths.root_dir={tmp_path}",
+                    f"paths.output_dir={tmp_path}/out",
+                    "inference.progress=false",
+                    *overrides,
+                ],
+            )
+
+    return _compose
