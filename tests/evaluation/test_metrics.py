@@ -147,3 +147,16 @@ def test_accumulator_nanmean_and_foreground_mean():
     assert math.isnan(fg["Dice"])  # nnU-Net: plain mean over label means
     mean, fg = aggregate_means(metric.results[:1], [1])
     assert fg["Dice"] == 1.0
+
+
+def test_directed_distances_bit_identical_to_scipy_edt():
+    from scipy import ndimage
+
+    from segshare.evaluation.surface import directed_distances
+
+    rng = np.random.default_rng(5)
+    a = surface_voxels(rng.random((17, 18, 19)) < 0.3)
+    b = surface_voxels(rng.random((17, 18, 19)) < 0.05)
+    spacing = (0.9, 1.7, 2.3)
+    expected = ndimage.distance_transform_edt(~b, sampling=spacing)[a]
+    assert np.array_equal(directed_distances(a, b, spacing), expected)
