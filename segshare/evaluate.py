@@ -193,5 +193,5 @@ def main(cfg: DictConfig) -> None:
         summary = run(cfg)
     except (ValueError, TypeError, FileNotFoundError, OmegaConfBaseException) as err:
         print(f"segshare-evaluate: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(2) from None
     _print_summary(summary, str(cfg.output))

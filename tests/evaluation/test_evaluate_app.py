@@ -190,7 +190,7 @@ def test_cli_error_is_one_line_without_traceback(label_folders, tmp_path, monkey
     monkeypatch.setattr("sys.argv", argv)
     with pytest.raises(SystemExit) as info:
         main()
-    assert info.value.code == 1
+    assert info.value.code == 2
     err = capsys.readouterr().err
     assert "segshare-evaluate: error: folder not found" in err and "Traceback" not in err
 
