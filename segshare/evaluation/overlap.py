@@ -28,7 +28,7 @@ def _as_label_array(array: np.ndarray, name: str) -> np.ndarray:
         array = rounded.astype(np.int64)
     elif not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"{name} must be an integer label map, got dtype {array.dtype}.")
-    if array.size and array.min() < 0:
+    if array.size and np.issubdtype(array.dtype, np.signedinteger) and array.min() < 0:
         raise ValueError(f"{name} holds negative labels (min {array.min()}).")
     return array
 

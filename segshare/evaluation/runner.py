@@ -160,13 +160,12 @@ def evaluate_case(
     metrics = compute_case_metrics(
         pred, ref, labels, spacing, nsd_tolerance_mm=nsd_tolerance_mm, hd95=hd95
     )
-    present = np.flatnonzero(np.bincount(ref.ravel()))
     return {
         "case_id": case_id,
         "reference_file": str(ref_path),
         "prediction_file": str(pred_path),
         "metrics": metrics,
-        "ref_labels": [int(v) for v in present if v != 0],
+        "ref_labels": [k for k, v in metrics.items() if v["n_ref"] > 0],
         "num_voxels": int(ref.size),
         "spacing": list(spacing),
     }
