@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
-import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from segshare.data.discovery import Case, Dataset
 from segshare.data.io import read_json, save_npy_atomic, write_json_atomic
+from segshare.data.parallel import parallel_map
 from segshare.data.preprocessing import Plan, preprocess_case
 
 LOCATIONS_PER_CLASS = 2000
@@ -96,12 +93,6 @@ def _cache_star(args: tuple) -> tuple[str, int]:
         ) from None
 
 
-def _mp_context() -> Any:
-    """fork is unsafe once TensorFlow/JAX threads exist in this process: spawn then."""
-    heavy = any(m in sys.modules for m in ("tensorflow", "jax", "torch"))
-    return mp.get_context("spawn" if heavy else "fork")
-
-
 def preprocess_dataset(
     dataset: Dataset,
     out_dir: str | os.PathLike,
@@ -127,17 +118,8 @@ def preprocess_dataset(
         plan.save(cache_dir / "plan.json")
     todo = [c for c in dataset.cases if not is_cached(cache_dir, c.case_id)]
     jobs = [(c, cache_dir, plan.to_dict()) for c in todo]
-    bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress or not jobs)
-    with bar:
-        if num_workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(num_workers, mp_context=_mp_context()) as pool:
-                for fut in as_completed([pool.submit(_cache_star, j) for j in jobs]):
-                    fut.result()
-                    bar.update()
-        else:
-            for job in jobs:
-                _cache_star(job)
-                bar.update()
+    for _ in parallel_map(_cache_star, jobs, num_workers, "preprocess", progress):
+        pass
     return cache_dir
 
 

@@ -108,6 +108,9 @@ def _atomic_target(path: Path, suffix: str) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+atomic_target = _atomic_target  # public name (segshare.inference uses it)
+
+
 def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
     """Write a NIfTI image atomically (temporary file in the same folder, then ``os.replace``).
 

@@ -10,17 +10,15 @@ fingerprint statistics, so each file is read once.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from segshare.data.discovery import Case, Dataset
 from segshare.data.fingerprint import case_statistics
 from segshare.data.io import NiftiReadError, load_nifti, read_voxels
+from segshare.data.parallel import parallel_map
 
 DEFAULT_MAX_VOXELS = 512**3
 
@@ -211,23 +209,10 @@ def validate_dataset(
         ):
             problems.append(Problem(str(case.images[0]), f"case {case.case_id!r} has no label"))
         jobs.append((case, allowed, max_voxels, affine_tol, n_ch, i))
-    bar = dict(total=len(jobs), desc="validate", unit="case", disable=not progress, leave=False)
-    if num_workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(num_workers) as pool:
-            results = list(tqdm(pool.map(_check_star, jobs, chunksize=4), **bar))
-    else:
-        results = [_check_star(j) for j in tqdm(jobs, **bar)]
+    results = list(parallel_map(_check_star, jobs, num_workers, "validate", progress))
     stats = {}
     for res in results:
         problems.extend(res.problems)
         if res.stats is not None:
             stats[res.case_id] = res.stats
     return problems, stats
-
-
-def cpu_count() -> int:
-    """Usable CPU cores (affinity-aware)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1

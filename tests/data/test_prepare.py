@@ -28,6 +28,7 @@ def _cfg(tmp_path, root=None, *extra):
                 f"paths.data_dir={tmp_path}/data",
                 f"paths.output_dir={tmp_path}/out",
                 "progress=false",
+                "data.num_workers=1",
                 "data.synthetic.num_cases=6",
                 "data.synthetic.shape_range=[16,20]",
                 *([f"data.root={root}"] if root else []),
