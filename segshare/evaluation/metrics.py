@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from segshare.evaluation.overlap import OVERLAP_METRICS, _as_label_array, overlap_metrics
+from segshare.evaluation.overlap import OVERLAP_METRICS, as_label_array, overlap_metrics
 from segshare.evaluation.surface import SURFACE_METRICS, check_spacing, surface_metrics
 
 #: Every per-label metric, in report order.
@@ -39,8 +39,8 @@ def compute_case_metrics(
     Returns:
         ``{label: {metric: value}}`` with the metrics of :data:`ALL_METRICS`.
     """
-    pred = _as_label_array(pred, "pred")
-    ref = _as_label_array(ref, "ref")
+    pred = as_label_array(pred, "pred")
+    ref = as_label_array(ref, "ref")
     if pred.shape != ref.shape:
         raise ValueError(f"pred and ref shapes differ: {pred.shape} vs {ref.shape}.")
     spacing = check_spacing(spacing, ref.ndim)

@@ -14,7 +14,7 @@ import numpy as np
 OVERLAP_METRICS = ("Dice", "IoU", "TP", "FP", "FN", "TN", "n_ref", "n_pred")
 
 
-def _as_label_array(array: np.ndarray, name: str) -> np.ndarray:
+def as_label_array(array: np.ndarray, name: str) -> np.ndarray:
     """Returns ``array`` as a non-negative integer array (floats must hold whole numbers)."""
     array = np.asarray(array)
     if array.dtype == bool:
@@ -22,9 +22,7 @@ def _as_label_array(array: np.ndarray, name: str) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating):
         rounded = np.rint(array)
         if not np.array_equal(rounded, array):
-            raise ValueError(
-                f"{name} is not a label map: it holds non-integer values ({array.dtype})."
-            )
+            raise ValueError(f"{name} holds non-integer values ({array.dtype}).")
         array = rounded.astype(np.int64)
     elif not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"{name} must be an integer label map, got dtype {array.dtype}.")
@@ -47,8 +45,8 @@ def confusion_matrix(
         ``(n, n)`` int64 array ``cm`` with ``cm[r, p]`` = number of voxels where ``ref == r`` and
         ``pred == p``.
     """
-    pred = _as_label_array(pred, "pred")
-    ref = _as_label_array(ref, "ref")
+    pred = as_label_array(pred, "pred")
+    ref = as_label_array(ref, "ref")
     if pred.shape != ref.shape:
         raise ValueError(f"pred and ref shapes differ: {pred.shape} vs {ref.shape}.")
     top = int(max(pred.max(initial=0), ref.max(initial=0))) + 1

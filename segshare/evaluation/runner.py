@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from segshare.evaluation.metrics import ALL_METRICS, compute_case_metrics
+from segshare.evaluation.overlap import as_label_array
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 #: Largest affine difference (mm) tolerated between a prediction and its reference.
@@ -52,7 +53,8 @@ def list_nifti(folder: Path) -> list[Path]:
 
 
 def match_cases(pred_dir: Path, ref_dir: Path) -> CaseMatch:
-    """Matches prediction and reference files by file name.
+    """Matches prediction and reference files by file name (case id = name without the ending,
+    so ``x.nii`` also matches ``x.nii.gz``).
 
     Raises:
         ValueError: when ``ref_dir`` holds no NIfTI file.
@@ -60,14 +62,22 @@ def match_cases(pred_dir: Path, ref_dir: Path) -> CaseMatch:
     refs = list_nifti(ref_dir)
     if not refs:
         raise ValueError(f"no NIfTI reference files (.nii.gz/.nii) in '{ref_dir}'.")
-    preds = {p.name: p for p in list_nifti(pred_dir)}
+    preds: dict[str, Path] = {}
+    for path in list_nifti(pred_dir):  # .nii.gz sorts before .nii: the exact name wins below
+        preds.setdefault(split_ending(path.name)[0], path)
     match = CaseMatch()
+    ref_ids = set()
     for ref in refs:
         case_id = split_ending(ref.name)[0]
-        pred = Path(pred_dir) / ref.name
-        (match.pairs if ref.name in preds else match.missing).append((case_id, ref, pred))
-    ref_names = {r.name for r in refs}
-    match.unmatched = [p for name, p in preds.items() if name not in ref_names]
+        ref_ids.add(case_id)
+        exact = Path(pred_dir) / ref.name
+        if exact.is_file():
+            match.pairs.append((case_id, ref, exact))
+        elif case_id in preds:
+            match.pairs.append((case_id, ref, preds[case_id]))
+        else:
+            match.missing.append((case_id, ref, exact))
+    match.unmatched = [p for cid, p in preds.items() if cid not in ref_ids]
     return match
 
 
@@ -82,13 +92,7 @@ def load_label_map(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
         array = array[..., 0]
     if array.ndim != 3:
         raise ValueError(f"label map '{path}' must be 3D, got shape {array.shape}.")
-    if np.issubdtype(array.dtype, np.floating):
-        rounded = np.rint(array)
-        if not np.array_equal(rounded, array):
-            raise ValueError(f"label map '{path}' holds non-integer values ({array.dtype}).")
-        array = rounded.astype(np.int32)
-    if array.size and array.min() < 0:
-        raise ValueError(f"label map '{path}' holds negative labels (min {array.min()}).")
+    array = as_label_array(array, f"label map '{path}'")
     if array.max(initial=0) < 256:
         array = array.astype(np.uint8, copy=False)
     return array, img

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from segshare.evaluation.overlap import as_label_array
+
 #: Names of the surface metrics, in report order.
 SURFACE_METRICS = ("HD95", "ASSD", "NSD")
 HD95_VARIANTS = ("monai", "medpy")
@@ -208,6 +210,7 @@ def surface_metrics(
     """
     if hd95_variant not in HD95_VARIANTS:
         raise ValueError(f"hd95 variant must be one of {HD95_VARIANTS}, got {hd95_variant!r}.")
+    pred, ref = as_label_array(pred, "pred"), as_label_array(ref, "ref")
     spacing = check_spacing(spacing, ref.ndim)
     if any(int(label) <= 0 for label in labels):
         raise ValueError(f"surface metrics need positive labels, got {list(labels)}.")

@@ -201,3 +201,29 @@ def test_report_with_a_label_absent_everywhere(label_folders, tmp_path):
     md = (out / "report.md").read_text()
     assert "| Dice | 7 (7) | NaN | NaN | NaN | 0 | 0 |" in md
     assert (out / "overlays.png").stat().st_size > 0
+
+
+def test_matching_by_case_id_and_unmatched_predictions(label_folders, tmp_path):
+    pred = label_folders["pred"]
+    nib.save(nib.load(str(pred / "case_2.nii.gz")), str(pred / "case_2.nii"))
+    (pred / "case_2.nii.gz").unlink()
+    save_label(blob_labels(), pred / "extra.nii.gz")
+    summary = _evaluate(label_folders, tmp_path / "m", report=False)
+    files = {c["case_id"]: c["prediction_file"] for c in summary["metric_per_case"]}
+    assert files["case_2"].endswith("case_2.nii")
+    assert summary["unmatched_predictions"] == [str(pred / "extra.nii.gz")]
+    assert summary["num_missing_predictions"] == 1
+
+
+def test_unreadable_or_non_integer_prediction_names_the_file(label_folders, tmp_path):
+    bad = label_folders["pred"] / "case_1.nii.gz"
+    ref_img = nib.load(str(label_folders["ref"] / "case_1.nii.gz"))
+    values = np.asanyarray(ref_img.dataobj).astype(np.float32) + 0.25
+    nib.save(nib.Nifti1Image(values, ref_img.affine), str(bad))
+    with pytest.raises(ValueError, match="non-integer") as info:
+        _evaluate(label_folders, tmp_path / "x")
+    assert str(bad) in str(info.value)
+    bad.write_bytes(b"not a nifti")
+    with pytest.raises(ValueError, match="cannot read NIfTI file") as info:
+        _evaluate(label_folders, tmp_path / "x")
+    assert str(bad) in str(info.value)

@@ -125,7 +125,7 @@ def test_bbox_crop_equals_full_volume_at_image_border():
 
 def test_bad_inputs_raise_with_value():
     ref = np.zeros((4, 5, 6), np.uint8)
-    with pytest.raises(ValueError, match="non-integer"):
+    with pytest.raises(ValueError, match="pred holds non-integer"):
         compute_case_metrics(ref + 0.5, ref, [1])
     with pytest.raises(ValueError, match=r"\(4, 5, 6\)"):
         compute_case_metrics(ref[:3], ref, [1])
