@@ -6,6 +6,7 @@ Used by ``segshare-preprocess`` and by training, so both refuse the same bad dat
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,11 @@ from omegaconf import OmegaConf
 from segshare.data.cache import preprocess_dataset
 from segshare.data.discovery import Dataset, discover_dataset
 from segshare.data.fingerprint import build_fingerprint, make_plan
-from segshare.data.io import write_json_atomic
+from segshare.data.io import read_json, write_json_atomic
 from segshare.data.preprocessing import Plan
 from segshare.data.splits import get_split
 from segshare.data.synthetic import ensure_dataset
-from segshare.data.validation import DatasetError, Problem, validate_dataset
+from segshare.data.validation import DatasetError, Problem, dataset_signature, validate_dataset
 
 
 @dataclass
@@ -46,6 +47,31 @@ def _opt(cfg: Any, key: str, default: Any = None) -> Any:
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
+def _validated_fingerprint(
+    dataset: Dataset, cfg: Any, out: Path, workers: int, progress: bool
+) -> dict[str, Any]:
+    """Validate (skipped when no file changed since the last clean validation, unless
+    ``data.revalidate``) and return the fingerprint; raises DatasetError listing every problem."""
+    max_voxels = int(cfg.get("max_voxels", 512**3))
+    signature = dataset_signature(dataset, max_voxels)
+    sig_path, fp_path = out / "validated.json", out / "fingerprint.json"
+    if not cfg.get("revalidate", False) and sig_path.exists() and fp_path.exists():
+        if read_json(sig_path) == json.loads(json.dumps(signature)):
+            return read_json(fp_path)
+    problems, stats = validate_dataset(
+        dataset, max_voxels=max_voxels, num_workers=workers, progress=progress
+    )
+    if problems:
+        raise DatasetError(problems, dataset.root)
+    if not dataset.labels:
+        dataset.labels = _infer_labels(stats)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = build_fingerprint(dataset, stats)
+    write_json_atomic(fingerprint, fp_path)
+    write_json_atomic(signature, sig_path)
+    return fingerprint
+
+
 def prepare_dataset(data_cfg: Any, progress: bool = True) -> PreparedData:
     """Validate, fingerprint, plan, cache and split the dataset of ``data_cfg``.
 
@@ -69,18 +95,9 @@ def prepare_dataset(data_cfg: Any, progress: bool = True) -> PreparedData:
             [Problem(str(cfg.root), str(err).split(": ", 1)[-1])], cfg.root
         ) from None
     workers = int(cfg.get("num_workers", 2))
-    max_voxels = int(cfg.get("max_voxels", 512**3))
-    problems, stats = validate_dataset(
-        dataset, max_voxels=max_voxels, num_workers=workers, progress=progress
-    )
-    if problems:
-        raise DatasetError(problems, root)
-    if not dataset.labels:
-        dataset.labels = _infer_labels(stats)
     out = Path(str(cfg.preprocessed_dir))
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint = build_fingerprint(dataset, stats)
-    write_json_atomic(fingerprint, out / "fingerprint.json")
+    fingerprint = _validated_fingerprint(dataset, cfg, out, workers, progress)
+    dataset.labels = dict(fingerprint["labels"])
     plan = make_plan(
         fingerprint,
         dataset.labels,

@@ -10,6 +10,7 @@ fingerprint statistics, so each file is read once.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,3 +217,23 @@ def validate_dataset(
         if res.stats is not None:
             stats[res.case_id] = res.stats
     return problems, stats
+
+
+def dataset_signature(dataset: Dataset, max_voxels: int) -> dict[str, Any]:
+    """What a validation result depends on: every file's size and mtime, the labels, channels
+    and voxel limit. Equal signatures mean the dataset need not be read again."""
+    files: dict[str, list[int] | None] = {}
+    paths = [p for c in dataset.cases for p in (*c.images, c.label) if p is not None]
+    for p in [*paths, dataset.root / "dataset.json"]:
+        try:
+            st = os.stat(p)
+            files[str(p)] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            files[str(p)] = None
+    return {
+        "version": 1,
+        "max_voxels": int(max_voxels),
+        "labels": dataset.labels,
+        "channel_names": dataset.channel_names,
+        "files": files,
+    }

@@ -37,7 +37,7 @@ def _cfg(tmp_path, root=None, *extra):
         )
 
 
-def test_default_config_generates_and_prepares_synthetic(tmp_path):
+def test_default_config_generates_and_prepares_synthetic(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
     prepared = run(cfg)
     out = tmp_path / "data" / "synthetic_preprocessed"
@@ -67,6 +67,16 @@ def test_default_config_generates_and_prepares_synthetic(tmp_path):
     )
     assert changed.cache_dir != prepared.cache_dir
     assert changed.plan.target_spacing == (1.5, 1.5, 1.5)
+
+    # validation is skipped while no file changed, redone (and failing) once one does
+    assert (out / "validated.json").exists()
+    with monkeypatch.context() as m:
+        m.setattr("segshare.data.prepare.validate_dataset", None)  # would fail if called
+        prepare_dataset(cfg.data, progress=False)
+    image_file = prepared.dataset.cases[0].images[0]
+    image_file.write_bytes(image_file.read_bytes()[:200])
+    with pytest.raises(DatasetError, match=image_file.name):
+        prepare_dataset(cfg.data, progress=False)
 
 
 def test_splits_written_once_and_reused(tmp_path):
