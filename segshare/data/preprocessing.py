@@ -24,6 +24,7 @@ from nibabel import orientations as ornt_mod
 from segshare.data.io import load_nifti, read_json, read_voxels, write_json_atomic
 from segshare.data.resample import (
     anisotropic_axis,
+    bounding_box,
     compute_new_shape,
     resample_image,
     resample_label,
@@ -114,11 +115,7 @@ def nonzero_bbox(mask: np.ndarray) -> list[list[int]]:
     """``[[lo, hi), ...]`` per axis of the True voxels of a 3D mask (whole volume if none)."""
     if not mask.any():
         return [[0, s] for s in mask.shape]
-    box = []
-    for ax in range(3):
-        proj = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))
-        box.append([int(proj[0]), int(proj[-1]) + 1])
-    return box
+    return [[lo, hi] for lo, hi in bounding_box(mask)]
 
 
 def load_case_arrays(

@@ -77,35 +77,97 @@ def resample_image(
     return out
 
 
+def _out_range(lo: int, hi: int, old: int, new: int) -> tuple[int, int]:
+    """Output voxels whose edge-aligned source coordinate lies in ``[lo, hi - 1]``."""
+    if old == new:
+        return lo, hi
+    f = old / new
+    first = int(np.ceil((lo + 0.5) / f - 0.5 - 1e-9))
+    last = int(np.floor((hi - 0.5) / f - 0.5 + 1e-9))
+    first = 0 if lo <= 0 else max(first, 0)  # at the volume edge 'nearest' extends the edge voxel
+    end = new if hi >= old else min(last + 1, new)
+    return first, end
+
+
+def _resample_box(
+    block: np.ndarray,
+    lo: Sequence[int],
+    old_shape: Sequence[int],
+    new_shape: Sequence[int],
+    order: int,
+) -> tuple[np.ndarray, list[int]]:
+    """Resample the sub-block at ``lo`` of a volume of ``old_shape`` onto the matching sub-block
+    of the ``new_shape`` grid (same geometry as :func:`_zoom`); returns ``(block, new_lo)``."""
+    ranges = [
+        _out_range(a, a + n, o, w)
+        for a, n, o, w in zip(lo, block.shape, old_shape, new_shape, strict=True)
+    ]
+    factors = [o / w for o, w in zip(old_shape, new_shape, strict=True)]
+    offset = [(r0 + 0.5) * f - 0.5 - a for (r0, _), f, a in zip(ranges, factors, lo, strict=True)]
+    shape = tuple(max(r1 - r0, 0) for r0, r1 in ranges)
+    out = ndimage.affine_transform(
+        block,
+        np.asarray(factors),
+        offset,
+        output_shape=shape,
+        order=order,
+        mode="nearest",
+        prefilter=False,
+    )
+    return out, [r0 for r0, _ in ranges]
+
+
 def resample_label(
     label: np.ndarray, new_shape: Sequence[int], axis: int | None = None
 ) -> np.ndarray:
     """Resample a label map ``(D, H, W)``: each class's mask linearly, then the argmax.
 
     Linear interpolation of one-hot masks keeps thin structures and smooth borders that nearest
-    neighbour loses, and can never invent a label value. Returns uint8 ``new_shape``.
+    neighbour loses, and can never invent a label value. Only the bounding box of the
+    foreground (plus a 2-voxel margin) is resampled, so time and memory scale with the labelled
+    region, not the volume. Returns uint8 ``new_shape``.
     """
-    if tuple(label.shape) == tuple(new_shape):
+    new_shape = tuple(int(n) for n in new_shape)
+    if tuple(label.shape) == new_shape:
         return label.astype(np.uint8, copy=False)
+    out = np.zeros(new_shape, np.uint8)
+    fg = label > 0
+    if not fg.any():
+        return out
+    box = [
+        [max(lo - 2, 0), min(hi + 2, s)]
+        for (lo, hi), s in zip(bounding_box(fg), label.shape, strict=True)
+    ]
+    sub = label[tuple(slice(a, b) for a, b in box)]
+    lo = [a for a, _ in box]
+    inplane = list(new_shape)
+    if axis is not None:
+        inplane[axis] = label.shape[axis]
     # Linear interpolation preserves sums, so background = 1 - sum(foreground): one pass fewer.
-    best = np.zeros(tuple(new_shape), np.float32)
-    total = np.zeros(tuple(new_shape), np.float32)
-    out = np.zeros(tuple(new_shape), np.uint8)
-    for c in np.unique(label):
+    best = total = region = None
+    for c in np.unique(sub):
         if c == 0:
             continue
-        mask = _zoom_separate((label == c).astype(np.float32), new_shape, 1, axis)
+        mask, mlo = _resample_box((sub == c).astype(np.float32), lo, label.shape, inplane, 1)
+        if axis is not None:
+            mask, mlo = _resample_box(mask, mlo, inplane, new_shape, 0)
+        if best is None:
+            best, total = np.zeros_like(mask), np.zeros_like(mask)
+            region = np.zeros(mask.shape, np.uint8)
+            where = tuple(slice(a, a + n) for a, n in zip(mlo, mask.shape, strict=True))
         total += mask
         better = mask > best
-        out[better] = c
+        region[better] = c
         best[better] = mask[better]
-    out[best <= 1.0 - total] = 0  # background wins ties, as argmax over (0, 1, ...) would
+    region[best <= 1.0 - total] = 0  # background wins ties, as argmax over (0, 1, ...) would
+    out[where] = region
     return out
 
 
-def resample_probabilities(
-    probs: np.ndarray, new_shape: Sequence[int], axis: int | None = None
-) -> np.ndarray:
-    """Resample class probabilities ``(D, H, W, K)`` with linear interpolation (nearest along
-    an anisotropic ``axis``); returns float32 ``(*new_shape, K)``, still summing to 1."""
-    return resample_image(probs, new_shape, order=1, axis=axis)
+def bounding_box(mask: np.ndarray) -> list[tuple[int, int]]:
+    """``[(lo, hi), ...]`` per axis of the True voxels of a non-empty boolean mask."""
+    box = []
+    for ax in range(mask.ndim):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
+        box.append((int(idx[0]), int(idx[-1]) + 1))
+    return box

@@ -119,3 +119,20 @@ def test_hippocampus_roundtrip_exact(hippocampus_root):
         _, label, props = preprocess_case(case.images, case.label, _plan((1.0, 1.0, 1.0)))
         ref = np.asarray(nib.load(case.label).dataobj).astype(np.uint8)
         np.testing.assert_array_equal(restore_to_original(label, props, is_label=True), ref)
+
+
+@pytest.mark.parametrize("axis", [None, 0, 2])
+def test_resample_label_box_equals_full_volume_argmax(axis):
+    from segshare.data.resample import _zoom_separate, resample_label
+
+    rng = np.random.default_rng(7)
+    for _ in range(6):
+        shape = tuple(int(s) for s in rng.integers(15, 36, 3))
+        lbl = np.zeros(shape, np.uint8)
+        for c in (1, 2, 3):  # boxes, some touching the volume's edges, some overlapping
+            lo = [int(rng.integers(0, s - 3)) for s in shape]
+            lbl[tuple(slice(a, a + int(rng.integers(2, 12))) for a in lo)] = c
+        new = tuple(int(n) for n in rng.integers(10, 45, 3))
+        onehot = [(lbl == c).astype(np.float32) for c in range(4)]
+        ref = np.stack([_zoom_separate(m, new, 1, axis) for m in onehot], -1).argmax(-1)
+        np.testing.assert_array_equal(resample_label(lbl, new, axis), ref)
