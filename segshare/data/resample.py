@@ -171,3 +171,11 @@ def bounding_box(mask: np.ndarray) -> list[tuple[int, int]]:
         idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
         box.append((int(idx[0]), int(idx[-1]) + 1))
     return box
+
+
+def resample_probabilities(
+    probs: np.ndarray, new_shape: Sequence[int], axis: int | None = None
+) -> np.ndarray:
+    """Resample class probabilities ``(D, H, W, K)`` with linear interpolation (nearest along
+    an anisotropic ``axis``); returns float32 ``(*new_shape, K)``, still summing to 1."""
+    return resample_image(probs, new_shape, order=1, axis=axis)
