@@ -160,3 +160,15 @@ def test_directed_distances_bit_identical_to_scipy_edt():
     spacing = (0.9, 1.7, 2.3)
     expected = ndimage.distance_transform_edt(~b, sampling=spacing)[a]
     assert np.array_equal(directed_distances(a, b, spacing), expected)
+
+
+def test_identical_to_medpy_when_installed():
+    binary = pytest.importorskip("medpy.metric.binary")
+    rng = np.random.default_rng(7)
+    ref = np.zeros((21, 22, 23), np.uint8)
+    ref[3:15, 4:18, 5:20] = 1
+    pred = np.roll(ref, 2, axis=1) * (rng.random(ref.shape) < 0.9)
+    spacing = (0.7, 1.1, 2.4)
+    m = compute_case_metrics(pred, ref, [1], spacing, hd95="medpy")[1]
+    assert m["Dice"] == binary.dc(pred, ref)
+    assert m["HD95"] == binary.hd95(pred, ref, voxelspacing=spacing)
