@@ -93,6 +93,23 @@ def read_voxels(img: nib.Nifti1Image, path: str | os.PathLike) -> np.ndarray:
         raise NiftiReadError(f"{path}: cannot read voxel data ({err})") from err
 
 
+def read_label_voxels(img: nib.Nifti1Image, path: str | os.PathLike) -> np.ndarray:
+    """Read a label map without a float copy when it is stored as integers (unscaled).
+
+    Returns:
+        The stored integer array, or float32 for float-stored labels (callers check/round).
+    """
+    slope, inter = img.dataobj.slope, img.dataobj.inter
+    if np.issubdtype(img.get_data_dtype(), np.integer) and slope == 1 and inter == 0:
+        try:
+            return np.asarray(img.dataobj.get_unscaled())
+        except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+            raise NiftiReadError(f"{path}: truncated or corrupt gzip data ({err})") from err
+        except (OSError, ValueError) as err:
+            raise NiftiReadError(f"{path}: cannot read voxel data ({err})") from err
+    return read_voxels(img, path)
+
+
 @contextmanager
 def _atomic_target(path: Path, suffix: str) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it onto ``path`` on success, delete on error."""

@@ -21,7 +21,13 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt_mod
 
-from segshare.data.io import load_nifti, read_json, read_voxels, write_json_atomic
+from segshare.data.io import (
+    load_nifti,
+    read_json,
+    read_label_voxels,
+    read_voxels,
+    write_json_atomic,
+)
 from segshare.data.resample import (
     anisotropic_axis,
     bounding_box,
@@ -131,10 +137,11 @@ def load_case_arrays(
         chans.extend([data] if data.ndim == 3 else [data[..., c] for c in range(data.shape[-1])])
     if len({c.shape for c in chans}) != 1:
         raise ValueError(f"{image_paths[0]}: channels of this case have different shapes")
-    image = np.stack(chans, axis=-1)
+    image = chans[0][..., None] if len(chans) == 1 else np.stack(chans, axis=-1)
     label = None
     if label_path is not None:
-        label = np.rint(read_voxels(load_nifti(label_path), label_path)).astype(np.int16)
+        raw = read_label_voxels(load_nifti(label_path), label_path)
+        label = raw if raw.dtype.kind in "iu" else np.rint(raw).astype(np.int16)
     return image, label, np.asarray(affine, dtype=float)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from segshare.data.discovery import Case, Dataset
 from segshare.data.fingerprint import case_statistics
-from segshare.data.io import NiftiReadError, load_nifti, read_voxels
+from segshare.data.io import NiftiReadError, load_nifti, read_label_voxels, read_voxels
 from segshare.data.parallel import parallel_map
 
 DEFAULT_MAX_VOXELS = 512**3
@@ -151,7 +151,7 @@ def check_case(
     chans, label = [], None
     for path, kind, img in opened:
         try:
-            data = read_voxels(img, path)
+            data = read_label_voxels(img, path) if kind == "label" else read_voxels(img, path)
         except NiftiReadError as err:
             out.append(Problem(str(path), str(err).removeprefix(f"{path}: ")))
             continue
@@ -174,7 +174,9 @@ def check_case(
     if out:
         return CaseCheck(case.case_id, out)
     image = np.stack(chans, axis=-1)
-    lbl = np.rint(label).astype(np.int16) if label is not None else None
+    lbl = None
+    if label is not None:
+        lbl = label if label.dtype.kind in "iu" else np.rint(label).astype(np.int16)
     return CaseCheck(case.case_id, [], case_statistics(image, lbl, opened[0][2].affine, seed))
 
 
