@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from segshare.evaluation.overlap import OVERLAP_METRICS, as_label_array, overlap_metrics
+from segshare.evaluation.overlap import OVERLAP_METRICS, as_label_array, dice, iou, overlap_metrics
 from segshare.evaluation.surface import SURFACE_METRICS, check_spacing, surface_metrics
 
 #: Every per-label metric, in report order.
@@ -86,6 +86,30 @@ def aggregate_means(
             for m in ALL_METRICS
         }
     return mean, foreground
+
+
+def global_overlap(
+    per_case: Sequence[dict[int, dict[str, float]]], labels: Sequence[int]
+) -> dict[int, dict[str, float]]:
+    """Dice and IoU of the counts summed over all cases ("global" Dice, nnU-Net issue #72).
+
+    Unlike the case average, this weighs each case by its size; NaN only when every case is
+    empty on both sides.
+
+    Returns:
+        ``{label: {"Dice", "IoU", "TP", "FP", "FN"}}`` with summed counts.
+    """
+    out = {}
+    for label in labels:
+        tp, fp, fn = (sum(int(case[label][k]) for case in per_case) for k in ("TP", "FP", "FN"))
+        out[int(label)] = {
+            "Dice": dice(tp, fp, fn),
+            "IoU": iou(tp, fp, fn),
+            "TP": tp,
+            "FP": fp,
+            "FN": fn,
+        }
+    return out
 
 
 class SegmentationMetrics:

@@ -84,6 +84,17 @@ def build_blocks(summary: dict, pictures: dict[str, bytes], title: str) -> list[
     blocks.append(("h2", "Foreground mean (mean of the per-label means)"))
     fg = summary["foreground_mean"]
     blocks.append(("table", (list(TABLE_METRICS), [[_fmt(fg[m]) for m in TABLE_METRICS]])))
+    glob = summary["global_overlap"]
+    blocks.append(
+        (
+            "p",
+            "Case-averaged Dice (nanmean over cases) per label: "
+            + "; ".join(f"{k} ({n}) {_fmt(summary['mean'][k]['Dice'])}" for k, n in names.items())
+            + ". Global Dice (counts summed over cases): "
+            + "; ".join(f"{k} ({n}) {_fmt(glob[k]['Dice'])}" for k, n in names.items())
+            + ".",
+        )
+    )
     if "boxplots" in pictures:
         blocks.append(("h2", "Dice and HD95 per label"))
         blocks.append(("image", ("boxplots.png", "Box plots of Dice and HD95 per label")))

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from segshare.evaluation.metrics import ALL_METRICS, aggregate_means
+from segshare.evaluation.metrics import ALL_METRICS, aggregate_means, global_overlap
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -55,8 +55,8 @@ def build_summary(
         settings: how the numbers were computed (tolerance, HD95 variant, ...).
 
     Returns:
-        ``{"metric_per_case", "mean", "foreground_mean", ...}``; label keys are strings as in
-        nnU-Net's file.
+        ``{"metric_per_case", "mean", "foreground_mean", "global_overlap", ...}``; label keys
+        are strings as in nnU-Net's file.
     """
     mean, foreground = aggregate_means([c["metrics"] for c in cases], labels)
     names = label_names or {}
@@ -73,6 +73,9 @@ def build_summary(
         ],
         "mean": {str(k): v for k, v in mean.items()},
         "foreground_mean": foreground,
+        "global_overlap": {
+            str(k): v for k, v in global_overlap([c["metrics"] for c in cases], labels).items()
+        },
         "labels": {str(k): names.get(k, str(k)) for k in labels},
         "num_cases": len(cases),
         "missing_predictions": [dict(m) for m in missing],

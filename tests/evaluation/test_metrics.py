@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from segshare.evaluation.metrics import SegmentationMetrics, aggregate_means, compute_case_metrics
+from segshare.evaluation.metrics import (
+    SegmentationMetrics,
+    aggregate_means,
+    compute_case_metrics,
+    global_overlap,
+)
 from segshare.evaluation.overlap import confusion_matrix, overlap_metrics
 from segshare.evaluation.surface import hd95, surface_distances, surface_metrics, surface_voxels
 
@@ -172,3 +177,17 @@ def test_identical_to_medpy_when_installed():
     m = compute_case_metrics(pred, ref, [1], spacing, hd95="medpy")[1]
     assert m["Dice"] == binary.dc(pred, ref)
     assert m["HD95"] == binary.hd95(pred, ref, voxelspacing=spacing)
+
+
+def test_global_dice_differs_from_case_average():
+    big = np.zeros((10, 10, 10), np.uint8)
+    big[:8] = 1  # 800 voxels, predicted perfectly
+    small = np.zeros_like(big)
+    small[0, 0, :2] = 1  # 2 voxels, missed
+    cases = [
+        compute_case_metrics(big, big, [1]),
+        compute_case_metrics(np.zeros_like(small), small, [1]),
+    ]
+    mean, _ = aggregate_means(cases, [1])
+    assert mean[1]["Dice"] == pytest.approx(0.5)
+    assert global_overlap(cases, [1])[1]["Dice"] == pytest.approx(1600 / 1602)
