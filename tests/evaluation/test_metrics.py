@@ -191,3 +191,15 @@ def test_global_dice_differs_from_case_average():
     mean, _ = aggregate_means(cases, [1])
     assert mean[1]["Dice"] == pytest.approx(0.5)
     assert global_overlap(cases, [1])[1]["Dice"] == pytest.approx(1600 / 1602)
+
+
+def test_large_label_values_use_the_wide_path():
+    ref = np.zeros((7, 8, 9), np.int16)
+    ref[1:4, 1:4, 1:4] = 300
+    ref[5, 5, 5] = 17
+    pred = ref.copy()
+    pred[1, 1, 1] = 0
+    m = compute_case_metrics(pred, ref, [17, 300], spacing=(1.0, 2.0, 3.0))
+    assert m[17]["Dice"] == 1.0 and m[17]["HD95"] == 0.0
+    assert (m[300]["TP"], m[300]["FN"], m[300]["FP"]) == (26, 1, 0)
+    assert m[300]["VolDiff_ml"] == pytest.approx(-6.0 / 1000)
