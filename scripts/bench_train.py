@@ -1,0 +1,130 @@
+"""Training-step throughput of the U-Net per sharing scheme (a benchmark, not a test).
+
+Prints patches/s and voxels/s of full training steps (forward, Dice+CE loss, backward, SGD update)
+on in-memory random batches, after warm-up. Runs on whatever Keras backend is active:
+
+    python scripts/bench_train.py                                  # TensorFlow, CPU
+    KERAS_BACKEND=jax python scripts/bench_train.py --precision mixed_bfloat16   # e.g. on a GPU
+
+Defaults: patch 64^3, batch 2, widths 16-32-64-128, one residual block per stage, every scheme.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from segshare.losses import DiceCELoss  # noqa: E402
+from segshare.models import SHARING_SCHEMES, build_unet, count_unique_params  # noqa: E402
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128])
+    p.add_argument("--blocks", type=int, nargs="+", default=None, help="blocks per stage")
+    p.add_argument("--decoder-blocks", type=int, default=2)
+    p.add_argument("--schemes", nargs="+", default=list(SHARING_SCHEMES))
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--classes", type=int, default=3)
+    p.add_argument("--precision", default="float32")
+    p.add_argument("--jit", choices=["on", "off"], default=None, help="default: off on CPU")
+    return p.parse_args()
+
+
+def _tf_step(model, optimizer, loss_fn, jit: bool):
+    import tensorflow as tf
+
+    @tf.function(jit_compile=jit)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+            scaled = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        return loss
+
+    return lambda x, y: float(step(x, y))
+
+
+def _generic_step(model, optimizer, loss_fn, jit: bool):
+    model.compile(optimizer=optimizer, loss=loss_fn, jit_compile=jit)
+    return lambda x, y: float(model.train_on_batch(x, y))
+
+
+def bench(args: argparse.Namespace, scheme: str, jit: bool) -> dict:
+    keras.utils.set_random_seed(0)
+    blocks = args.blocks or [1] * len(args.features)
+    model = build_unet(
+        in_channels=1,
+        num_classes=args.classes,
+        features=args.features,
+        blocks_per_stage=blocks,
+        decoder_blocks=args.decoder_blocks,
+        sharing=scheme,
+    )
+    optimizer = keras.optimizers.SGD(0.01, momentum=0.99, nesterov=True)
+    if args.precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    loss_fn = DiceCELoss()
+    maker = _tf_step if keras.backend.backend() == "tensorflow" else _generic_step
+    step = maker(model, optimizer, loss_fn, jit)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.batch, *args.patch, 1)).astype("float32")
+    y = rng.integers(0, args.classes, size=(args.batch, *args.patch)).astype("int32")
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step(x, y)
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step(x, y)
+    seconds = (time.perf_counter() - t0) / args.steps
+    voxels = args.batch * int(np.prod(args.patch))
+    return {
+        "scheme": scheme,
+        "unique_params": count_unique_params(model),
+        "s_per_step": seconds,
+        "patches_per_s": args.batch / seconds,
+        "mvoxels_per_s": voxels / seconds / 1e6,
+        "warmup_s": warm,
+    }
+
+
+def main() -> None:
+    args = _parse()
+    keras.mixed_precision.set_global_policy(args.precision)
+    devices = "cpu"
+    if keras.backend.backend() == "jax":
+        import jax
+
+        devices = ",".join(sorted({d.platform for d in jax.devices()}))
+    elif keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        devices = "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+    jit = (args.jit == "on") if args.jit else devices != "cpu"
+    print(
+        f"backend={keras.backend.backend()} devices={devices} precision={args.precision} "
+        f"jit={jit} patch={args.patch} batch={args.batch} features={args.features} "
+        f"blocks={args.blocks or [1] * len(args.features)} decoder_blocks={args.decoder_blocks}"
+    )
+    print(f"{'scheme':<10}{'params':>12}{'s/step':>10}{'patches/s':>11}{'Mvox/s':>9}{'warmup s':>10}")
+    for scheme in args.schemes:
+        r = bench(args, scheme, jit)
+        print(
+            f"{r['scheme']:<10}{r['unique_params']:>12,}{r['s_per_step']:>10.3f}"
+            f"{r['patches_per_s']:>11.2f}{r['mvoxels_per_s']:>9.3f}{r['warmup_s']:>10.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
