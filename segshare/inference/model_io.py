@@ -122,10 +122,18 @@ def make_predict_fn(
     The returned function maps a float32 NumPy batch to softmax probabilities (NumPy float32). On
     the TensorFlow backend the forward pass and softmax run in one ``tf.function`` traced once for
     any batch and window size (no per-call ``model.predict`` overhead); on other backends the model
-    is called directly. With ``tta`` the probabilities are averaged over all mirrorings of the
+    is called directly. Deep-supervision models (a list of outputs) use the first, full-resolution
+    output; mixed-precision logits are cast to float32 before the softmax. With ``tta`` the
+    probabilities are averaged over all mirrorings of the
     batch along ``mirror_axes`` (batch axes 1..3 = spatial axes), each flipped back.
     """
     import keras
+
+    def probabilities(x):
+        out = model(x, training=False)
+        if isinstance(out, (list, tuple)):  # deep supervision: full resolution first
+            out = out[0]
+        return keras.ops.softmax(keras.ops.cast(out, "float32"), axis=-1)
 
     flips = mirror_axes_combinations(tuple(mirror_axes)) if tta else [()]
     if keras.backend.backend() == "tensorflow":
@@ -139,7 +147,7 @@ def make_predict_fn(
             total = None
             for axes in flips:
                 xi = tf.reverse(x, axes) if axes else x
-                p = tf.nn.softmax(model(xi, training=False), axis=-1)
+                p = probabilities(xi)
                 p = tf.reverse(p, axes) if axes else p
                 total = p if total is None else total + p
             return total / len(flips) if len(flips) > 1 else total
@@ -150,8 +158,7 @@ def make_predict_fn(
         total = None
         for axes in flips:
             xi = np.flip(batch, axes) if axes else batch
-            logits = model(keras.ops.convert_to_tensor(xi), training=False)
-            p = keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
+            p = keras.ops.convert_to_numpy(probabilities(keras.ops.convert_to_tensor(xi)))
             p = np.flip(p, axes) if axes else p
             total = p if total is None else total + p
         return (total / len(flips)).astype(np.float32, copy=False)

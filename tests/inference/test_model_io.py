@@ -1,0 +1,97 @@
+"""Model loading (safe mode, run folder resolution) and the batched predict_fn."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from segshare.inference.model_io import (
+    load_model_safely,
+    make_predict_fn,
+    mirror_axes_combinations,
+    resolve_run,
+)
+
+from .conftest import make_run_dir, threshold_model
+
+EXECUTED = []
+
+
+def _side_effect(x):
+    EXECUTED.append(True)  # would run only if the file's code were executed
+    return x * 2
+
+
+@pytest.mark.parametrize("fn", [lambda x: x * 2, _side_effect], ids=["lambda", "function"])
+def test_model_with_lambda_is_refused_and_never_run(tmp_path, fn):
+    inputs = keras.Input((None, None, None, 1))
+    layer = keras.layers.Lambda(fn, name="evil_code")
+    model = keras.Model(inputs, keras.layers.Conv3D(2, 1)(layer(inputs)))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    EXECUTED.clear()
+    with pytest.raises(ValueError, match=r"refused to load.*Lambda layer 'evil_code'") as err:
+        load_model_safely(path)
+    assert str(path) in str(err.value)
+    assert EXECUTED == []
+
+
+def test_not_a_model_file(tmp_path):
+    path = tmp_path / "model.keras"
+    path.write_bytes(b"not a zip archive")
+    with pytest.raises(ValueError, match="not a readable .keras model archive"):
+        load_model_safely(path)
+
+
+def test_resolve_run_folder_and_file(tmp_path):
+    run = make_run_dir(tmp_path / "run")
+    for given in (run, run / "model.keras"):
+        files = resolve_run(given)
+        assert files.model == run / "model.keras" and files.plan == run / "plan.json"
+        assert files.config == run / "config.yaml"
+    with pytest.raises(ValueError, match="no model found"):
+        resolve_run(tmp_path / "missing")
+    (run / "plan.json").unlink()
+    with pytest.raises(ValueError, match="no plan.json beside it"):
+        resolve_run(run)
+
+
+def test_loaded_model_predicts_like_the_original(tmp_path):
+    model = threshold_model()
+    path = tmp_path / "m.keras"
+    model.save(path)
+    x = np.random.default_rng(0).normal(size=(2, 8, 9, 10, 1)).astype(np.float32)
+    expected = keras.ops.convert_to_numpy(keras.ops.softmax(model(x), axis=-1))
+    got = make_predict_fn(load_model_safely(path))(x)
+    assert got.dtype == np.float32 and got.shape == (2, 8, 9, 10, 2)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_tta_averages_over_all_mirrorings():
+    assert mirror_axes_combinations((1, 2, 3)) == [
+        (),
+        (1,),
+        (2,),
+        (3,),
+        (1, 2),
+        (1, 3),
+        (2, 3),
+        (1, 2, 3),
+    ]
+    # A model that is not flip-equivariant (its 3-tap kernel is asymmetric along D).
+    inputs = keras.Input((None, None, None, 1))
+    conv = keras.layers.Conv3D(2, (3, 1, 1), padding="same")
+    model = keras.Model(inputs, conv(inputs))
+    kernel = np.zeros((3, 1, 1, 1, 2), np.float32)
+    kernel[:, 0, 0, 0, 1] = [2.0, 1.0, -3.0]
+    conv.set_weights([kernel, np.zeros(2, np.float32)])
+    x = np.random.default_rng(1).normal(size=(1, 6, 5, 4, 1)).astype(np.float32)
+    plain = make_predict_fn(model)
+    expected = np.mean(
+        [np.flip(plain(np.flip(x, a).copy()), a) for a in mirror_axes_combinations((1, 2, 3))],
+        axis=0,
+    )
+    got = make_predict_fn(model, tta=True)(x)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert not np.allclose(got, plain(x), atol=1e-3)
