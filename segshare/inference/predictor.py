@@ -72,6 +72,17 @@ def output_paths(output_dir: Path, case_id: str) -> tuple[Path, Path]:
     return output_dir / f"{case_id}.nii.gz", output_dir / f"{case_id}.npz"
 
 
+def argmax_labels(probs: np.ndarray) -> np.ndarray:
+    """``(D, H, W, K)`` probabilities -> ``(D, H, W)`` uint8 labels, one slab at a time.
+
+    ``np.argmax`` on the whole volume would allocate an int64 map (8 bytes per voxel).
+    """
+    labels = np.empty(probs.shape[:3], np.uint8)
+    for i in range(probs.shape[0]):
+        labels[i] = probs[i].argmax(axis=-1)
+    return labels
+
+
 def label_nifti(labels: np.ndarray, source: nib.Nifti1Image) -> nib.Nifti1Image:
     """Wrap a label map in a NIfTI with the source scan's geometry and header.
 
@@ -165,15 +176,24 @@ class Predictor:
         output_dir: Path,
         save_probabilities: bool = False,
     ) -> Path:
-        """Restore ``probs`` to the scan's grid, write the labels (and probabilities) atomically."""
-        restored = restore_to_original(probs, props, is_label=False)
-        del probs
-        labels = restored.argmax(axis=-1).astype(np.uint8)
+        """Restore ``probs`` to the scan's grid, write the labels (and probabilities) atomically.
+
+        Probabilities are resampled back before the argmax (as nnU-Net). When the preprocessed
+        grid is the cropped scan grid (no resampling) and no probabilities are saved, the argmax
+        is taken first: the same labels (uncropping adds class 0, reorienting permutes voxels)
+        without a second ``(I, J, K, K)`` float32 buffer.
+        """
         nii_path, npz_path = output_paths(output_dir, case_id)
-        if save_probabilities:  # before the NIfTI: an existing NIfTI means the case is complete
-            with _atomic_target(npz_path, ".npz") as tmp:
-                np.savez_compressed(tmp, probabilities=restored)
-        del restored
+        resampled = list(props["resampled_shape"]) != list(props["cropped_shape"])
+        if resampled or save_probabilities:
+            probs = restore_to_original(probs, props, is_label=False)
+            if save_probabilities:  # before the NIfTI: an existing NIfTI = a complete case
+                with _atomic_target(npz_path, ".npz") as tmp:
+                    np.savez_compressed(tmp, probabilities=probs)
+            labels = argmax_labels(probs)
+        else:
+            labels = restore_to_original(argmax_labels(probs), props, is_label=True)
+        del probs
         return save_nifti_atomic(label_nifti(labels, source), nii_path)
 
 

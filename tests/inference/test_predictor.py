@@ -87,6 +87,19 @@ def test_probabilities_are_saved_on_the_scan_grid(run_dir, geometry_inputs, comp
     assert probs.shape == (*labels.shape, 2) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(probs.argmax(-1), labels)
+    # Without probabilities the argmax is taken before restoring (no resampling here): same labels.
+    out2 = tmp_path / "pred2"
+    run(
+        compose_cfg(
+            f"model_path={run_dir}",
+            f"input={folder / 'lps.nii.gz'}",
+            f"output={out2}",
+            "tta=true",
+            "overlap=0.25",
+            "sw_batch_size=3",
+        )
+    )
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out2 / "lps.nii.gz")).dataobj), labels)
 
 
 def test_bad_inputs_do_not_stop_the_batch(run_dir, tmp_path, compose_cfg):
