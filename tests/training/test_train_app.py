@@ -181,3 +181,36 @@ def test_two_workers_on_loopback_end_with_identical_weights(make_cfg, tmp_path):
     for a, b in zip(*models, strict=True):
         np.testing.assert_array_equal(a, b)
     assert len(models[0]) == len(initial.weights)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["optimizer=adamw", "model.deep_supervision=true"],
+        ["trainer.precision=mixed_bfloat16", "loss=ce", "sharing=template"],
+    ],
+)
+def test_training_options_run(make_cfg, tmp_path, overrides):
+    last, objects = train(make_cfg("trainer.max_epochs=1", *overrides))
+    assert np.isfinite(last["train_loss"])
+    assert (tmp_path / "run" / "model.keras").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(make_cfg, tmp_path, monkeypatch):
+    import segshare.losses
+
+    train(make_cfg("trainer.max_epochs=1"))
+    state = json.loads((tmp_path / "run" / "checkpoints" / "latest" / "state.json").read_text())
+
+    class NaNLoss(segshare.losses.DiceCELoss):
+        def __call__(self, y_true, y_pred, sample_weight=None):
+            return super().__call__(y_true, y_pred) * float("nan")
+
+    monkeypatch.setattr(segshare.losses, "DiceCELoss", NaNLoss)
+    from segshare.training.loop import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="Loss became nan in epoch 1"):
+        train(make_cfg("trainer.max_epochs=2"))
+    after = json.loads((tmp_path / "run" / "checkpoints" / "latest" / "state.json").read_text())
+    assert after == state
+    assert [r["epoch"] for r in _log(tmp_path / "run")] == ["0"]
