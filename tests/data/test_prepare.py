@@ -15,7 +15,7 @@ from segshare.data.splits import get_split
 from segshare.data.validation import DatasetError
 from segshare.preprocess import run
 
-from .conftest import make_msd_dataset
+from .conftest import make_msd_dataset, write_nifti
 from .test_validation import plant_faults
 
 
@@ -139,3 +139,46 @@ def test_cli_on_hippocampus_exits_0(tmp_path, hippocampus_root):
     cache = next((tmp_path / "pp").glob("cache_*"))
     assert len(list(cache.glob("*_image.npy"))) == 195
     assert (tmp_path / "pp" / "splits.json").exists()
+
+
+def test_msd_4d_multichannel_case_is_prepared(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "msd4d"
+    training = []
+    for i in range(3):
+        img = rng.normal(5, 1, (11, 12, 13, 2)).astype(np.float32)
+        lbl = np.zeros((11, 12, 13), np.uint8)
+        lbl[3:7, 4:8, 5:9] = 1
+        write_nifti(root / "imagesTr" / f"m_{i}.nii.gz", img)
+        write_nifti(root / "labelsTr" / f"m_{i}.nii.gz", lbl)
+        training.append({"image": f"./imagesTr/m_{i}.nii.gz", "label": f"./labelsTr/m_{i}.nii.gz"})
+    meta = {
+        "modality": {"0": "FLAIR", "1": "T1w"},
+        "labels": {"0": "background", "1": "x"},
+        "training": training,
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    cfg = _cfg(tmp_path, root, "data.num_folds=3", f"data.preprocessed_dir={tmp_path}/pp")
+    prepared = prepare_dataset(cfg.data, progress=False)
+    assert prepared.plan.in_channels == 2 and prepared.plan.normalization == ["zscore"] * 2
+    image, label, _ = load_cached_case(prepared.cache_dir, "m_0")
+    assert image.shape == (11, 12, 13, 2) and label.sum() == 64
+
+
+def test_pydataset_under_jax_backend(prepared):
+    code = (
+        "import numpy as np, keras; assert keras.backend.backend() == 'jax'\n"
+        "from segshare.data.pipeline import make_training_data\n"
+        "import sys\n"
+        f"ds = make_training_data({str(prepared.cache_dir)!r}, {list(prepared.train_ids)!r},"
+        " (9, 10, 11), 2, seed=3, num_workers=2, steps_per_epoch=3)\n"
+        "assert isinstance(ds, keras.utils.PyDataset) and len(ds) == 3\n"
+        "x, y = ds[0]; assert x.shape == (2, 9, 10, 11, 1) and y.dtype == np.int32\n"
+        "assert 'tensorflow' not in sys.modules, 'TF imported under JAX'\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
