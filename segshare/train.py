@@ -155,7 +155,64 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     )
     last = trainer.fit()
     objects = {"model": model, "run_dir": run_dir, "prepared": prepared, "report": report}
+    if cfg.final_evaluation and is_chief(strategy) and prepared.val_ids:
+        # All of the fold's validation cases, even when epochs validate on fewer.
+        summary = evaluate_validation(run_dir, prepared, prepared.val_ids, patch, cfg)
+        last["final_val_dice_fg_mean"] = summary["foreground_mean"].get("Dice", float("nan"))
+        objects["summary"] = summary
     return last, objects
+
+
+def _reference_link(label: Path, target: Path) -> None:
+    """Expose a reference under the prediction's file name (a link, or a .nii.gz copy)."""
+    import nibabel as nib
+
+    if target.exists() or target.is_symlink():
+        target.unlink()
+    if label.name.endswith(".nii.gz"):
+        target.symlink_to(label.resolve())
+    else:
+        nib.save(nib.load(label), target)
+
+
+def evaluate_validation(run_dir: Path, prepared, val_ids, patch, cfg: DictConfig) -> dict:
+    """Final step: predict the fold's validation cases on their original grids with the best
+    model, then write the evaluation report (``validation/summary.json`` ...) against their labels.
+    """
+    from segshare.evaluate import evaluate_folders
+    from segshare.inference.model_io import load_model_safely, make_predict_fn
+    from segshare.inference.predictor import Predictor, predict_cases
+
+    out = run_dir / "validation"
+    pred_dir, ref_dir = out / "predictions", out / "references"
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model_safely(run_dir / "model.keras")
+    predictor = Predictor(
+        make_predict_fn(model),
+        prepared.plan,
+        patch,
+        overlap=float(cfg.trainer.overlap),
+        sw_batch_size=int(cfg.trainer.sw_batch_size),
+    )
+    wanted = set(val_ids)
+    cases = [c for c in prepared.dataset.cases if c.case_id in wanted]
+    predict_cases(predictor, cases, pred_dir, skip_existing=False, progress=cfg.trainer.progress)
+    for case in cases:
+        _reference_link(Path(case.label), ref_dir / f"{case.case_id}.nii.gz")
+    dataset_json = Path(prepared.dataset.root) / "dataset.json"
+    summary = evaluate_folders(
+        pred_dir,
+        ref_dir,
+        out,
+        dataset_json=dataset_json if dataset_json.exists() else None,
+        num_workers=1,
+        progress=bool(cfg.trainer.progress),
+    )
+    dice = summary["foreground_mean"].get("Dice", float("nan"))
+    print(
+        f"Final validation ({len(cases)} cases, original geometry): foreground-mean Dice {dice:.4f}"
+    )
+    return summary
 
 
 @hydra.main(version_base="1.3", config_path="pkg://segshare.conf", config_name="train")

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from segshare.inference.model_io import make_predict_fn
 from segshare.inference.sliding_window import sliding_window_inference
 from segshare.training.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
 from segshare.training.schedules import learning_rate_at
@@ -88,9 +89,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.log_path = self.run_dir / "train_log.csv"
         self._train_step = tf.function(self._distributed_step, jit_compile=settings.jit_compile)
-        channels = model.input_shape[-1]
-        spec = tf.TensorSpec((None, *self.patch_size, channels), tf.float32)
-        self._predict = tf.function(self._predict_probs, input_signature=[spec])
+        self._predict = make_predict_fn(model)
 
     # -- steps -------------------------------------------------------------------------------
     def _replica_step(self, x, y):
@@ -107,12 +106,6 @@ class Trainer:
         per_replica = self.strategy.run(self._replica_step, args=(x, y))
         return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
 
-    def _predict_probs(self, x):
-        out = self.model(x, training=False)
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        return keras.ops.softmax(keras.ops.cast(out, "float32"), axis=-1)
-
     # -- validation --------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
         """Sliding-window prediction of every validation case; mean Dice per class (nanmean)."""
@@ -120,7 +113,7 @@ class Trainer:
         for _case_id, image, label in self.validation_cases():
             probs = sliding_window_inference(
                 np.asarray(image, dtype=np.float32),
-                lambda batch: self._predict(batch).numpy(),
+                self._predict,
                 self.patch_size,
                 overlap=self.s.overlap,
                 sw_batch_size=self.s.sw_batch_size,

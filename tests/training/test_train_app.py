@@ -23,8 +23,22 @@ def _log(run_dir: Path) -> list[dict]:
 
 
 def test_train_writes_a_usable_run_folder(make_cfg, tmp_path):
-    last, objects = train(make_cfg())
+    import nibabel as nib
+
+    last, objects = train(make_cfg("final_evaluation=true"))
     run = tmp_path / "run"
+    # Final step: the validation cases predicted on their own grids, then evaluated.
+    summary = json.loads((run / "validation" / "summary.json").read_text())
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(last["final_val_dice_fg_mean"])
+    val_cases = [
+        c for c in objects["prepared"].dataset.cases if c.case_id in objects["prepared"].val_ids
+    ]
+    assert len(summary["metric_per_case"]) == len(val_cases) > 0
+    for case in val_cases:
+        pred = nib.load(run / "validation" / "predictions" / f"{case.case_id}.nii.gz")
+        image = nib.load(case.images[0])
+        assert pred.shape == image.shape[:3]
+        np.testing.assert_allclose(pred.affine, image.affine)
     for name in ("model.keras", "plan.json", "config.yaml", "parameters.json", "train_log.csv"):
         assert (run / name).is_file(), name
     for ckpt in ("latest", "best"):
