@@ -54,7 +54,7 @@ def _cubic_weights(t: np.ndarray) -> list[np.ndarray]:
     ]
 
 
-def _zoom_axis(vol: np.ndarray, axis: int, new_len: int, order: int) -> np.ndarray:
+def _zoom_axis_block(vol: np.ndarray, axis: int, new_len: int, order: int) -> np.ndarray:
     """Resample one axis (edge-aligned, 'nearest' beyond the edges), order 0, 1 or 3."""
     old = vol.shape[axis]
     x = (np.arange(new_len) + 0.5) * (old / new_len) - 0.5
@@ -67,20 +67,47 @@ def _zoom_axis(vol: np.ndarray, axis: int, new_len: int, order: int) -> np.ndarr
         t = (x - f).astype(np.float32).reshape(bshape)
         i0 = np.clip(f, 0, old - 1).astype(np.intp)
         i1 = np.clip(f + 1, 0, old - 1).astype(np.intp)
-        return np.take(vol, i0, axis=axis) * (1 - t) + np.take(vol, i1, axis=axis) * t
+        out = np.take(vol, i0, axis=axis).astype(np.float32, copy=False)
+        out *= 1 - t
+        upper = np.take(vol, i1, axis=axis).astype(np.float32, copy=False)
+        upper *= t
+        out += upper
+        return out
     if order != 3:
         raise ValueError(f"interpolation order must be 0, 1 or 3, got {order}")
     pad = [(_SPLINE_PAD, _SPLINE_PAD) if a == axis else (0, 0) for a in range(vol.ndim)]
-    coef = ndimage.spline_filter1d(
-        np.pad(vol, pad, mode="edge"), 3, axis=axis, output=np.float32, mode="mirror"
-    )
+    coef = np.pad(vol.astype(np.float32, copy=False), pad, mode="edge")
+    ndimage.spline_filter1d(coef, 3, axis=axis, output=coef, mode="mirror")  # in place
     xp = x + _SPLINE_PAD
     f = np.floor(xp)
-    out = None
+    out_shape = list(vol.shape)
+    out_shape[axis] = new_len
+    out = np.zeros(out_shape, np.float32)
+    term = np.empty(out_shape, np.float32)
     for k, w in zip(range(-1, 3), _cubic_weights((xp - f).astype(np.float32)), strict=True):
         idx = np.clip(f + k, 0, coef.shape[axis] - 1).astype(np.intp)
-        term = np.take(coef, idx, axis=axis) * w.reshape(bshape)
-        out = term if out is None else out + term
+        np.take(coef, idx, axis=axis, out=term, mode="clip")  # "raise" would buffer a copy
+        term *= w.reshape(bshape)
+        out += term
+    return out
+
+
+def _zoom_axis(
+    vol: np.ndarray, axis: int, new_len: int, order: int, chunk_voxels: int = 1 << 22
+) -> np.ndarray:
+    """:func:`_zoom_axis_block` over slabs of another axis, so the temporaries (padding,
+    spline coefficients, weighted terms) stay near ``chunk_voxels`` instead of the volume."""
+    out_shape = list(vol.shape)
+    out_shape[axis] = new_len
+    out = np.empty(out_shape, np.float32)
+    others = [a for a in range(vol.ndim) if a != axis]
+    slab_axis = max(others, key=lambda a: vol.shape[a])
+    per_slice = max(1, int(np.prod(out_shape)) // max(out_shape[slab_axis], 1))
+    step = max(1, chunk_voxels // per_slice)
+    for start in range(0, vol.shape[slab_axis], step):
+        sl = [slice(None)] * vol.ndim
+        sl[slab_axis] = slice(start, start + step)
+        out[tuple(sl)] = _zoom_axis_block(vol[tuple(sl)], axis, new_len, order)
     return out
 
 
@@ -118,7 +145,7 @@ def resample_image(
         return image.astype(np.float32, copy=False)
     out = np.empty((*new_shape, image.shape[-1]), np.float32)
     for c in range(image.shape[-1]):
-        out[..., c] = _zoom_separate(image[..., c].astype(np.float32), new_shape, order, axis)
+        out[..., c] = _zoom_separate(image[..., c], new_shape, order, axis)
     return out
 
 
