@@ -1,0 +1,203 @@
+"""Benchmark of segshare-predict: seconds per volume and peak resident memory.
+
+Scenarios (each runs in its own process, so peak RSS is that scenario's own):
+
+* ``cube``: a 160^3 one-channel volume, roi 64^3, overlap 0.5, Gaussian blending,
+  sw_batch_size 2, U-Net of widths 16-32-64-128 (``build_unet(features=(16, 32, 64, 128),
+  sharing="none", blocks_per_stage=(1, 1, 1, 1))``, untrained: speed does not depend on the
+  weights). Timed twice: a straightforward Keras loop (``model.predict`` per batch of windows,
+  accumulate, no threads) and ``segshare.inference`` (tf.function forward + softmax, windows
+  gathered and accumulated while the next batch runs). Both are checked to give the same labels.
+* ``hippo``: whole-case prediction of real hippocampus scans (read + preprocess + sliding window
+  with roi 48x64x48 + restore + atomic NIfTI write) with the same network; seconds per case.
+* ``ct``: a 512x512x300 one-channel CT-like volume with 3 classes through the sliding window and
+  the argmax (roi 128^3, a cheap NumPy stand-in for the network: this scenario measures memory);
+  peak RSS is compared with input + class probabilities (float32).
+
+Usage::
+
+    python scripts/bench_predict.py                  # all scenarios, best of 3 for timings
+    python scripts/bench_predict.py --only cube --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+HIPPO = Path(__file__).resolve().parents[2] / "shared" / "data" / "Task04_Hippocampus"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def benchmark_network(num_classes: int = 3):
+    """The 16-32-64-128 U-Net of the benchmark (segshare.models)."""
+    from segshare.models import build_unet
+
+    return build_unet(
+        features=(16, 32, 64, 128),
+        sharing="none",
+        blocks_per_stage=(1, 1, 1, 1),
+        num_classes=num_classes,
+    )
+
+
+def smooth_volume(shape, seed: int = 0) -> np.ndarray:
+    """A smooth random ``(*shape, 1)`` float32 volume (z-scored)."""
+    from scipy.ndimage import gaussian_filter
+
+    v = gaussian_filter(np.random.default_rng(seed).normal(size=shape).astype(np.float32), 3)
+    return ((v - v.mean()) / v.std())[..., None]
+
+
+def straightforward_loop(volume, model, roi, overlap, sw_batch_size):
+    """The reference: ``model.predict`` per batch of windows, softmax, Gaussian accumulation."""
+    from segshare.inference.sliding_window import _window_slices, gaussian_importance_map
+
+    gauss = gaussian_importance_map(tuple(roi), 0.125)[..., None]
+    slices = _window_slices(volume.shape[:3], roi, overlap)
+    out, norm = None, np.zeros((*volume.shape[:3], 1), np.float32)
+    for i in range(0, len(slices), sw_batch_size):
+        chunk = slices[i : i + sw_batch_size]
+        logits = model.predict(np.stack([volume[s] for s in chunk]), verbose=0)
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        probs = e / e.sum(-1, keepdims=True)
+        if out is None:
+            out = np.zeros((*volume.shape[:3], probs.shape[-1]), np.float32)
+        for s, p in zip(chunk, probs, strict=True):
+            out[s] += p * gauss
+            norm[s] += gauss
+    return out / norm
+
+
+def run_cube(repeats: int) -> dict:
+    from segshare.inference.model_io import make_predict_fn
+    from segshare.inference.sliding_window import sliding_window_inference
+
+    roi, overlap, sw = (64, 64, 64), 0.5, 2
+    volume = smooth_volume((160, 160, 160))
+    model = benchmark_network()
+    predict_fn = make_predict_fn(model)
+    predict_fn(volume[None, :64, :64, :64])  # trace once (excluded, as the baseline's warm-up)
+    model.predict(volume[None, :64, :64, :64], verbose=0)
+    times = {"keras_loop": [], "segshare": []}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        ref = straightforward_loop(volume, model, roi, overlap, sw)
+        times["keras_loop"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ours = sliding_window_inference(volume, predict_fn, roi, overlap=overlap, sw_batch_size=sw)
+        times["segshare"].append(time.perf_counter() - t)
+    same = float((ref.argmax(-1) == ours.argmax(-1)).mean())
+    return {
+        "scenario": "cube 160^3, roi 64^3, overlap 0.5, sw_batch_size 2, 64 windows",
+        "keras_loop_s": [round(t, 2) for t in times["keras_loop"]],
+        "segshare_s": [round(t, 2) for t in times["segshare"]],
+        "best_keras_loop_s": round(min(times["keras_loop"]), 2),
+        "best_segshare_s": round(min(times["segshare"]), 2),
+        "max_abs_prob_diff": float(np.abs(ref - ours).max()),
+        "same_label_fraction": same,
+        "peak_rss_mb": round(peak_rss_mb()),
+    }
+
+
+def run_hippo(repeats: int, num_cases: int = 5) -> dict:
+    import tempfile
+
+    from segshare.data.discovery import discover_dataset
+    from segshare.data.preprocessing import Plan
+    from segshare.inference.model_io import make_predict_fn
+    from segshare.inference.predictor import Predictor, predict_cases
+
+    if not HIPPO.is_dir():
+        return {"scenario": "hippo", "skipped": f"{HIPPO} not found"}
+    cases = discover_dataset(HIPPO).cases[:num_cases]
+    plan = Plan(
+        target_spacing=(1.0, 1.0, 1.0),
+        normalization=["zscore"],
+        ct_stats=None,
+        labels={"background": 0, "Anterior": 1, "Posterior": 2},
+        in_channels=1,
+        num_classes=3,
+    )
+    predictor = Predictor(make_predict_fn(benchmark_network()), plan, (48, 64, 48))
+    predictor.predict_array(np.zeros((48, 64, 48, 1), np.float32))  # trace once
+    per_case = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as out:
+            report = predict_cases(predictor, cases, out, progress=False)
+            if report.failed:
+                raise RuntimeError(f"hippocampus cases failed: {report.failed}")
+            per_case.append(report.seconds / len(cases))
+    return {
+        "scenario": f"hippocampus, {len(cases)} real cases, whole pipeline, roi 48x64x48",
+        "seconds_per_case": [round(t, 3) for t in per_case],
+        "best_seconds_per_case": round(min(per_case), 3),
+        "peak_rss_mb": round(peak_rss_mb()),
+    }
+
+
+def cheap_predict_fn(batch: np.ndarray) -> np.ndarray:
+    """A NumPy stand-in network (3-class softmax of [x, -x, 0]) for the memory scenario."""
+    x = batch[..., :1]
+    logits = np.concatenate([x, -x, np.zeros_like(x)], axis=-1)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def run_ct(repeats: int) -> dict:
+    from segshare.inference.predictor import argmax_labels
+    from segshare.inference.sliding_window import sliding_window_inference
+
+    shape, k = (512, 512, 300), 3
+    volume = np.random.default_rng(0).standard_normal((*shape, 1), dtype=np.float32)
+    base = peak_rss_mb()
+    t = time.perf_counter()
+    probs = sliding_window_inference(volume, cheap_predict_fn, (128, 128, 128), num_classes=k)
+    labels = argmax_labels(probs)
+    seconds = time.perf_counter() - t
+    reference_mb = (volume.nbytes + probs.nbytes) / 2**20
+    peak = peak_rss_mb()
+    return {
+        "scenario": "CT-like 512x512x300, 3 classes, roi 128^3 (NumPy stand-in network)",
+        "seconds": round(seconds, 1),
+        "input_plus_probabilities_mb": round(reference_mb),
+        "peak_rss_mb": round(peak),
+        "peak_rss_over_input_plus_probabilities": round(peak / reference_mb, 2),
+        "rss_before_inference_mb": round(base),
+        "labels_dtype": str(labels.dtype),
+    }
+
+
+SCENARIOS = {"cube": run_cube, "hippo": run_hippo, "ct": run_ct}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(SCENARIOS), help="run one scenario in-process")
+    parser.add_argument("--repeats", type=int, default=3, help="timing repeats (best reported)")
+    args = parser.parse_args()
+    if args.only:
+        print(json.dumps(SCENARIOS[args.only](args.repeats)), flush=True)
+        return
+    for name in SCENARIOS:  # one process per scenario: clean peak-RSS numbers
+        cmd = [sys.executable, __file__, "--only", name, "--repeats", str(args.repeats)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+        print(lines[-1] if lines else f"{name}: failed\n{out.stderr[-2000:]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
