@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -172,3 +173,27 @@ def test_discovered_multichannel_case_is_predicted(tmp_path, compose_cfg):
     report = run(compose_cfg(f"model_path={run2}", f"input={tmp_path}", f"output={out}"))
     assert report.written == ["pat"]
     assert nib.load(str(out / "pat.nii.gz")).shape == data.shape
+
+
+HIPPOCAMPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "Task04_Hippocampus"
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason="Task04_Hippocampus not available")
+def test_hippocampus_scans_keep_their_geometry(run_dir, compose_cfg, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    sources = sorted((HIPPOCAMPUS / "imagesTr").glob("*.nii.gz"))[:6]
+    for src in sources:  # a folder of real scans (links: the data stays read-only, uncopied)
+        (scans / src.name).symlink_to(src)
+    out = tmp_path / "pred"
+    report = run(compose_cfg(f"model_path={run_dir}", f"input={scans}", f"output={out}"))
+    assert len(report.written) == len(sources) and not report.failed
+    for src in sources:
+        ref, pred = nib.load(str(src)), nib.load(str(out / src.name))
+        assert pred.shape == ref.shape
+        np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-6)
+        np.testing.assert_allclose(pred.get_qform(), ref.get_qform(), atol=1e-5)
+        assert int(pred.header["qform_code"]) == int(ref.header["qform_code"])
+        assert int(pred.header["sform_code"]) == int(ref.header["sform_code"])
+        assert pred.get_data_dtype() == np.uint8
