@@ -9,7 +9,7 @@ noise, Gaussian blur, brightness, contrast, gamma. Each has its probability in t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -55,31 +55,64 @@ def _elastic(shape, cfg, rng: np.random.Generator) -> list[np.ndarray]:
     return fields
 
 
+def spatial_margin(cfg: Mapping[str, Any] | None, patch_size: Sequence[int]) -> tuple[int, ...]:
+    """Voxels to add on each side of a patch so that the largest configured rotation, zoom-out
+    and elastic displacement still sample real data, not padding (nnU-Net samples such a larger
+    patch and crops the centre after the spatial transform). Zero when no spatial transform."""
+    patch = np.asarray(patch_size, dtype=float)
+    rot = float(_get(cfg, "rotation_deg", 15.0)) if float(_get(cfg, "p_rotation")) > 0 else 0.0
+    s_min = min(_get(cfg, "scale_range", (1.0, 1.0))) if float(_get(cfg, "p_scale")) > 0 else 1.0
+    alpha = float(_get(cfg, "elastic_alpha", 4.0)) if float(_get(cfg, "p_elastic")) > 0 else 0.0
+    if rot == 0 and s_min >= 1 and alpha == 0:
+        return (0,) * len(patch)
+    extent = patch.copy()
+    for signs in np.ndindex(3, 3, 3):  # rotations at -max, 0, +max about each axis
+        mat = _rotation_matrix(np.deg2rad(rot) * (np.asarray(signs) - 1)) / min(s_min, 1.0)
+        extent = np.maximum(extent, np.abs(mat) @ patch)
+    return tuple(int(np.ceil((e - p) / 2 + alpha)) + 1 for e, p in zip(extent, patch, strict=True))
+
+
 def spatial_augment(
-    image: np.ndarray, label: np.ndarray, cfg: Mapping[str, Any] | None, rng: np.random.Generator
+    image: np.ndarray,
+    label: np.ndarray,
+    cfg: Mapping[str, Any] | None,
+    rng: np.random.Generator,
+    out_shape: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Flips, rotation, scaling and elastic deformation of ``(D, H, W, C)`` image and
-    ``(D, H, W)`` label with the same transform (image order 1, label order 0, zero outside)."""
-    shape = image.shape[:3]
+    """Rotation, scaling, elastic deformation and flips of ``(D, H, W, C)`` image and
+    ``(D, H, W)`` label with the same transform (image order 1, label order 0, zero outside).
+
+    Args:
+        out_shape: output size; the input may be larger (see :func:`spatial_margin`): the
+            transform is about the centres and the output is the centre of the result.
+    """
+    shape = tuple(image.shape[:3])
+    out_shape = shape if out_shape is None else tuple(int(s) for s in out_shape)
     mat = _spatial_matrix(cfg, rng)
-    disp = _elastic(shape, cfg, rng) if rng.random() < float(_get(cfg, "p_elastic")) else None
+    disp = _elastic(out_shape, cfg, rng) if rng.random() < float(_get(cfg, "p_elastic")) else None
+    c_in, c_out = (np.asarray(shape) - 1) / 2, (np.asarray(out_shape) - 1) / 2
     if mat is not None or disp is not None:
-        center = (np.asarray(shape) - 1) / 2
         mat = np.eye(3) if mat is None else mat
         coords = None
         if disp is not None:
-            grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
-            coords = mat @ (grid.reshape(3, -1) - center[:, None]) + center[:, None]
-            coords = coords.reshape(3, *shape) + np.stack(disp)
+            grid = np.stack(np.meshgrid(*[np.arange(s) for s in out_shape], indexing="ij"))
+            coords = mat @ (grid.reshape(3, -1) - c_out[:, None]) + c_in[:, None]
+            coords = coords.reshape(3, *out_shape) + np.stack(disp)
 
         def warp(a: np.ndarray, order: int) -> np.ndarray:
             if coords is not None:
                 return ndimage.map_coordinates(a, coords, order=order, mode="constant")
-            offset = center - mat @ center
-            return ndimage.affine_transform(a, mat, offset, order=order, mode="constant")
+            return ndimage.affine_transform(
+                a, mat, c_in - mat @ c_out, output_shape=out_shape, order=order, mode="constant"
+            )
 
         image = np.stack([warp(image[..., c], 1) for c in range(image.shape[-1])], axis=-1)
         label = warp(label, 0)
+    elif out_shape != shape:
+        crop = tuple(
+            slice((s - o) // 2, (s - o) // 2 + o) for s, o in zip(shape, out_shape, strict=True)
+        )
+        image, label = image[crop], label[crop]
     for ax in range(3):
         if rng.random() < float(_get(cfg, "p_flip")):
             image, label = np.flip(image, ax), np.flip(label, ax)
@@ -112,7 +145,11 @@ def intensity_augment(
 
 
 def augment(
-    image: np.ndarray, label: np.ndarray, cfg: Mapping[str, Any] | None, rng: np.random.Generator
+    image: np.ndarray,
+    label: np.ndarray,
+    cfg: Mapping[str, Any] | None,
+    rng: np.random.Generator,
+    out_shape: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Spatial then intensity augmentation; returns image float32 and label of the input dtype.
 
@@ -121,8 +158,10 @@ def augment(
         label: ``(D, H, W)`` integer patch.
         cfg: the ``augment`` config (None: no augmentation).
         rng: the random generator (the only source of randomness).
+        out_shape: output patch size when the input carries a :func:`spatial_margin`.
     """
-    if cfg is None:
+    if cfg is None and out_shape is None:
         return image, label
-    image, label = spatial_augment(image, label, cfg, rng)
+    cfg = cfg or {}
+    image, label = spatial_augment(image, label, cfg, rng, out_shape)
     return intensity_augment(image, cfg, rng), label

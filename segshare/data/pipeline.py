@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from segshare.data.augment import augment
+from segshare.data.augment import augment, spatial_margin
 from segshare.data.sampling import PatchSampler
 
 
@@ -32,14 +32,18 @@ class BatchMaker:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.sampler, self.batch_size, self.seed = sampler, int(batch_size), int(seed)
         self.augment_cfg = _plain(augment_cfg)
+        self.margin = spatial_margin(self.augment_cfg, sampler.patch_size)
 
     def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, int(index)])
-        x, y = self.sampler.sample_batch(self.batch_size, rng)
-        if self.augment_cfg is not None:
-            for b in range(len(x)):
-                x[b], y[b] = augment(x[b], y[b], self.augment_cfg, rng)
-        return x, y
+        x, y = self.sampler.sample_batch(self.batch_size, rng, self.margin)
+        if self.augment_cfg is None:
+            return x, y
+        pairs = [
+            augment(x[b], y[b], self.augment_cfg, rng, self.sampler.patch_size)
+            for b in range(len(x))
+        ]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
 def _plain(cfg: Any) -> dict | None:

@@ -93,26 +93,36 @@ class PatchSampler:
         return corner
 
     def sample(
-        self, rng: np.random.Generator, force_foreground: bool = False, case_id: str | None = None
+        self,
+        rng: np.random.Generator,
+        force_foreground: bool = False,
+        case_id: str | None = None,
+        margin: Sequence[int] = (0, 0, 0),
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One patch: image ``(*patch, C)`` float32 and label ``(*patch)`` int32."""
+        """One patch: image ``(*size, C)`` float32 and label ``(*size)`` int32, where
+        ``size = patch_size + 2 * margin``; the forced foreground voxel lies in the central
+        ``patch_size`` part (the part left after a spatial augmentation crops the margin)."""
         cid = case_id if case_id is not None else self.case_ids[rng.integers(len(self.case_ids))]
         image, label, locs = self._case(cid)
         voxel = None
         if force_foreground and locs:
             cls = list(locs)[rng.integers(len(locs))]
             voxel = locs[cls][rng.integers(len(locs[cls]))]
-        corner = self._corner(image.shape[:3], rng, voxel)
-        img = crop_with_padding(image, corner, self.patch_size).astype(np.float32, copy=False)
+        corner = [
+            c - m for c, m in zip(self._corner(image.shape[:3], rng, voxel), margin, strict=True)
+        ]
+        size = [p + 2 * m for p, m in zip(self.patch_size, margin, strict=True)]
+        img = crop_with_padding(image, corner, size).astype(np.float32, copy=False)
         if label is None:
-            return img, np.zeros(self.patch_size, np.int32)
-        return img, crop_with_padding(label, corner, self.patch_size).astype(np.int32)
+            return img, np.zeros(size, np.int32)
+        return img, crop_with_padding(label, corner, size).astype(np.int32)
 
     def sample_batch(
-        self, batch_size: int, rng: np.random.Generator
+        self, batch_size: int, rng: np.random.Generator, margin: Sequence[int] = (0, 0, 0)
     ) -> tuple[np.ndarray, np.ndarray]:
-        """A batch: x ``(B, *patch, C)`` float32, y ``(B, *patch)`` int32; the last
-        ``round(B * oversample_foreground)`` samples are forced onto foreground."""
+        """A batch: x ``(B, *size, C)`` float32, y ``(B, *size)`` int32 (``size`` as in
+        :meth:`sample`); the last ``round(B * oversample_foreground)`` samples are forced onto
+        foreground."""
         n_random = round(batch_size * (1.0 - self.oversample_foreground))
-        pairs = [self.sample(rng, force_foreground=b >= n_random) for b in range(batch_size)]
+        pairs = [self.sample(rng, b >= n_random, margin=margin) for b in range(batch_size)]
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

@@ -44,6 +44,8 @@ def test_forced_foreground_share(prepared):
     for _ in range(25):
         _, y = s.sample_batch(3, rng)
         assert (y[2] > 0).any()  # round(3 * 2/3) = 2 random samples, the last forced
+        _, y = s.sample_batch(3, rng, margin=(3, 4, 5))
+        assert y.shape == (3, 15, 17, 19) and (y[2, 3:12, 4:13, 5:14] > 0).any()  # in the centre
     never = PatchSampler(prepared.cache_dir, prepared.train_ids, (5, 5, 5), oversample_foreground=0)
     fg = [(never.sample_batch(3, rng)[1] > 0).any(axis=(1, 2, 3)) for _ in range(25)]
     assert not np.all(fg)
@@ -84,3 +86,35 @@ def test_intensity_augment_leaves_label_and_off_is_identity():
     same_img, same_lbl = augment(image, label, {"p_flip": 0.0}, np.random.default_rng(0))
     np.testing.assert_array_equal(same_img, image)
     np.testing.assert_array_equal(same_lbl, label)
+
+
+def test_margin_keeps_rotated_and_scaled_patches_free_of_padding():
+    from segshare.data.augment import spatial_margin
+
+    cfg = {
+        "p_rotation": 1.0,
+        "rotation_deg": 30.0,
+        "p_scale": 1.0,
+        "scale_range": [0.8, 1.2],
+        "p_elastic": 1.0,
+        "elastic_alpha": 2.0,
+    }
+    patch = (13, 16, 11)
+    margin = spatial_margin(cfg, patch)
+    big = tuple(p + 2 * m for p, m in zip(patch, margin, strict=True))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        img, lbl = augment(np.ones((*big, 1), np.float32), np.ones(big, np.int32), cfg, rng, patch)
+        assert img.shape == (*patch, 1) and lbl.shape == patch
+        assert (lbl == 1).all() and np.allclose(img, 1.0)  # no zero padding sampled
+    no_margin, _ = augment(np.ones((*patch, 1), np.float32), np.ones(patch, np.int32), cfg, rng)
+    assert (no_margin == 0).any()  # without the margin the corners are padding
+
+
+def test_margin_centre_crop_when_no_spatial_transform_drawn(prepared):
+    s = PatchSampler(prepared.cache_dir, prepared.train_ids, (9, 10, 11))
+    big, big_lbl = s.sample(np.random.default_rng(4), margin=(2, 3, 4))
+    assert big.shape == (13, 16, 19, 1)
+    img, lbl = augment(big, big_lbl, {"p_flip": 0.0}, np.random.default_rng(0), (9, 10, 11))
+    np.testing.assert_array_equal(img, big[2:11, 3:13, 4:15])
+    np.testing.assert_array_equal(lbl, big_lbl[2:11, 3:13, 4:15])
