@@ -67,6 +67,10 @@ class PatchSampler:
         self.oversample_foreground = float(oversample_foreground)
         self._cases: dict[str, tuple] = {}
 
+    def __getstate__(self) -> dict:
+        """Pickle without the opened memory maps (they would be copied in full)."""
+        return {**self.__dict__, "_cases": {}}
+
     def _case(self, case_id: str) -> tuple:
         if case_id not in self._cases:
             image, label, props = load_cached_case(self.cache_dir, case_id)

@@ -118,3 +118,13 @@ def test_margin_centre_crop_when_no_spatial_transform_drawn(prepared):
     img, lbl = augment(big, big_lbl, {"p_flip": 0.0}, np.random.default_rng(0), (9, 10, 11))
     np.testing.assert_array_equal(img, big[2:11, 3:13, 4:15])
     np.testing.assert_array_equal(lbl, big_lbl[2:11, 3:13, 4:15])
+
+
+def test_sampler_pickles_without_its_memory_maps(prepared):
+    import pickle
+
+    s = PatchSampler(prepared.cache_dir, prepared.train_ids, (5, 6, 7))
+    x, _ = s.sample(np.random.default_rng(1))
+    blob = pickle.dumps(s)
+    assert len(blob) < 10_000
+    np.testing.assert_array_equal(pickle.loads(blob).sample(np.random.default_rng(1))[0], x)
