@@ -23,7 +23,8 @@ def _get(cfg: Mapping[str, Any] | None, key: str, default: Any = 0.0) -> Any:
     return default if value is None else value
 
 
-def _rotation_matrix(angles: np.ndarray) -> np.ndarray:
+def rotation_matrix(angles: np.ndarray) -> np.ndarray:
+    """3x3 rotation by ``angles`` (radians) about axes 0, 1, 2 (applied in that order)."""
     ca, cb, cc = np.cos(angles)
     sa, sb, sc = np.sin(angles)
     rx = np.array([[1, 0, 0], [0, ca, -sa], [0, sa, ca]])
@@ -37,7 +38,7 @@ def _spatial_matrix(cfg, rng: np.random.Generator) -> np.ndarray | None:
     mat, used = np.eye(3), False
     if rng.random() < float(_get(cfg, "p_rotation")):
         deg = float(_get(cfg, "rotation_deg", 15.0))
-        mat = _rotation_matrix(np.deg2rad(rng.uniform(-deg, deg, 3))) @ mat
+        mat = rotation_matrix(np.deg2rad(rng.uniform(-deg, deg, 3))) @ mat
         used = True
     if rng.random() < float(_get(cfg, "p_scale")):
         lo, hi = _get(cfg, "scale_range", (0.85, 1.25))
@@ -67,7 +68,7 @@ def spatial_margin(cfg: Mapping[str, Any] | None, patch_size: Sequence[int]) -> 
         return (0,) * len(patch)
     extent = patch.copy()
     for signs in np.ndindex(3, 3, 3):  # rotations at -max, 0, +max about each axis
-        mat = _rotation_matrix(np.deg2rad(rot) * (np.asarray(signs) - 1)) / min(s_min, 1.0)
+        mat = rotation_matrix(np.deg2rad(rot) * (np.asarray(signs) - 1)) / min(s_min, 1.0)
         extent = np.maximum(extent, np.abs(mat) @ patch)
     return tuple(int(np.ceil((e - p) / 2 + alpha)) + 1 for e, p in zip(extent, patch, strict=True))
 

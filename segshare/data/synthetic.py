@@ -17,18 +17,10 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from segshare.data.augment import rotation_matrix
 from segshare.data.io import save_nifti_atomic, write_json_atomic
 
 ORGANS = ("liver", "kidney", "spleen")
-
-
-def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
-    """A random rotation matrix with angles up to ``max_deg`` about each axis."""
-    ax, ay, az = np.deg2rad(rng.uniform(-max_deg, max_deg, 3))
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def make_affine(
@@ -38,7 +30,7 @@ def make_affine(
     flip: bool = False,
 ) -> np.ndarray:
     """A 4x4 voxel-to-world affine: spacing, a small rotation, optional LPS flip."""
-    lin = _rotation(rng, max_deg) @ np.diag(spacing)
+    lin = rotation_matrix(np.deg2rad(rng.uniform(-max_deg, max_deg, 3))) @ np.diag(spacing)
     if flip:
         lin = np.diag([-1.0, -1.0, 1.0]) @ lin
     aff = np.eye(4)
