@@ -121,11 +121,12 @@ def make_predict_fn(
 
     The returned function maps a float32 NumPy batch to softmax probabilities (NumPy float32). On
     the TensorFlow backend the forward pass and softmax run in one ``tf.function`` traced once for
-    any batch and window size (no per-call ``model.predict`` overhead); on other backends the model
-    is called directly. Deep-supervision models (a list of outputs) use the first, full-resolution
-    output; mixed-precision logits are cast to float32 before the softmax. With ``tta`` the
-    probabilities are averaged over all mirrorings of the
-    batch along ``mirror_axes`` (batch axes 1..3 = spatial axes), each flipped back.
+    any batch and window size (no per-call ``model.predict`` overhead); on JAX in one ``jax.jit``
+    over ``model.stateless_call`` (a smaller last batch is padded to the first batch's size, so it
+    compiles once); on other backends the model is called directly. Deep-supervision models (a
+    list of outputs) use the first, full-resolution output; mixed-precision logits are cast to
+    float32 before the softmax. With ``tta`` the probabilities are averaged over all mirrorings of
+    the batch along ``mirror_axes`` (batch axes 1..3 = spatial axes), each flipped back.
     """
     import keras
 
@@ -153,6 +154,8 @@ def make_predict_fn(
             return total / len(flips) if len(flips) > 1 else total
 
         return lambda batch: forward(batch).numpy()
+    if keras.backend.backend() == "jax":
+        return _jax_predict_fn(model, flips)
 
     def forward_any(batch: np.ndarray) -> np.ndarray:
         total = None
@@ -164,3 +167,37 @@ def make_predict_fn(
         return (total / len(flips)).astype(np.float32, copy=False)
 
     return forward_any
+
+
+def _jax_predict_fn(model: Any, flips: list[tuple[int, ...]]) -> Callable[[np.ndarray], np.ndarray]:
+    """The JAX version of :func:`make_predict_fn`: one jitted stateless forward + softmax."""
+    import jax
+    import jax.numpy as jnp
+
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    @jax.jit
+    def forward(trainable, non_trainable, x):
+        total = None
+        for axes in flips:
+            xi = jnp.flip(x, axes) if axes else x
+            out, _ = model.stateless_call(trainable, non_trainable, xi, training=False)
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            p = jax.nn.softmax(out.astype(jnp.float32), axis=-1)
+            p = jnp.flip(p, axes) if axes else p
+            total = p if total is None else total + p
+        return total / len(flips)
+
+    batch_size: list[int] = []
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        n = batch.shape[0]
+        if not batch_size:
+            batch_size.append(n)
+        if n < batch_size[0]:  # same shape as the first call: no recompilation
+            pad = np.zeros((batch_size[0] - n, *batch.shape[1:]), batch.dtype)
+            batch = np.concatenate([batch, pad])
+        return np.asarray(forward(trainable, non_trainable, batch))[:n]
+
+    return predict

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -95,3 +99,36 @@ def test_tta_averages_over_all_mirrorings():
     got = make_predict_fn(model, tta=True)(x)
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert not np.allclose(got, plain(x), atol=1e-3)
+
+
+JAX_CHECK = """
+import keras, numpy as np
+from segshare.inference.model_io import make_predict_fn, mirror_axes_combinations
+assert keras.backend.backend() == "jax"
+inputs = keras.Input((None, None, None, 1))
+conv = keras.layers.Conv3D(2, (3, 1, 1), padding="same")
+model = keras.Model(inputs, conv(inputs))
+kernel = np.zeros((3, 1, 1, 1, 2), np.float32)
+kernel[:, 0, 0, 0, 1] = [2.0, 1.0, -3.0]
+conv.set_weights([kernel, np.zeros(2, np.float32)])
+x = np.random.default_rng(1).normal(size=(3, 6, 5, 4, 1)).astype(np.float32)
+def softmax(b):
+    logits = keras.ops.convert_to_numpy(model(b))
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+fn = make_predict_fn(model, tta=True)
+got = np.concatenate([fn(x[:2]), fn(x[2:])])  # the last batch is smaller (padded inside)
+flips = mirror_axes_combinations((1, 2, 3))
+expected = np.mean([np.flip(softmax(np.flip(x, a).copy()), a) for a in flips], axis=0)
+assert got.shape == x.shape[:4] + (2,) and got.dtype == np.float32
+np.testing.assert_allclose(got, expected, atol=1e-5)
+print("jax ok")
+"""
+
+
+def test_predict_fn_under_the_jax_backend():
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(
+        [sys.executable, "-c", JAX_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "jax ok" in proc.stdout, proc.stderr[-3000:]
