@@ -68,6 +68,12 @@ def run(cfg: DictConfig) -> PredictReport:
     plan = Plan.load(files.plan)
     roi = _roi_size(cfg, files.config)
     cases = select_shard(discover_images(cfg.input), index, count)
+    output = Path(cfg.output).resolve()
+    if any(p.resolve().parent == output for c in cases for p in c.images):
+        raise ValueError(
+            f"output={cfg.output!r} is the folder of the input scans: predictions named like the "
+            f"scans would be taken for finished outputs. Choose another output folder."
+        )
     model = load_model_safely(files.model)
     channels = model.inputs[0].shape[-1] if getattr(model, "inputs", None) else None
     if channels is not None and channels != plan.in_channels:
@@ -88,7 +94,7 @@ def run(cfg: DictConfig) -> PredictReport:
     return predict_cases(
         predictor,
         cases,
-        Path(cfg.output),
+        output,
         save_probabilities=bool(cfg.save_probabilities),
         skip_existing=bool(cfg.inference.skip_existing),
         failures_name=failures_file_name(int(index), int(count)),

@@ -146,6 +146,12 @@ def test_existing_outputs_are_skipped(run_dir, tmp_path, compose_cfg):
     assert (out / "a.nii.gz").read_bytes() == b"already here"
 
 
+def test_output_folder_must_not_be_the_input_folder(run_dir, tmp_path, compose_cfg):
+    write_scan(tmp_path / "a.nii.gz", random_scan((8, 9, 10)), np.eye(4))
+    with pytest.raises(ValueError, match="is the folder of the input scans"):
+        run(compose_cfg(f"model_path={run_dir}", f"input={tmp_path}", f"output={tmp_path}/."))
+
+
 def test_select_shard_deals_every_case_once():
     cases = [Case(f"case{i:02d}", ()) for i in (7, 3, 9, 1, 4)]
     shards = [select_shard(cases, k, 3) for k in range(3)]
