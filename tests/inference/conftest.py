@@ -24,6 +24,27 @@ def threshold_model(in_channels: int = 1, gain: float = 20.0):
     return model
 
 
+def asymmetric_model():
+    """A 3-tap conv along D with an asymmetric kernel: not flip-equivariant (for TTA tests)."""
+    import keras
+
+    inputs = keras.Input((None, None, None, 1))
+    conv = keras.layers.Conv3D(2, (3, 1, 1), padding="same")
+    model = keras.Model(inputs, conv(inputs))
+    kernel = np.zeros((3, 1, 1, 1, 2), np.float32)
+    kernel[:, 0, 0, 0, 1] = [2.0, 1.0, -3.0]
+    conv.set_weights([kernel, np.zeros(2, np.float32)])
+    return model
+
+
+def mirrored_mean(predict_fn, x: np.ndarray) -> np.ndarray:
+    """Reference TTA: the mean of ``predict_fn`` over all flips of axes 1-3, flipped back."""
+    from segshare.inference.model_io import mirror_axes_combinations
+
+    flips = mirror_axes_combinations((1, 2, 3))
+    return np.mean([np.flip(predict_fn(np.flip(x, a).copy()), a) for a in flips], axis=0)
+
+
 def make_run_dir(folder: Path, model=None, in_channels: int = 1, spacing=(1.0, 1.0, 1.0)) -> Path:
     """Write a run folder like segshare-train's: model.keras, plan.json, config.yaml."""
     from segshare.data.preprocessing import Plan

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -17,7 +18,7 @@ from segshare.inference.model_io import (
     resolve_run,
 )
 
-from .conftest import make_run_dir, threshold_model
+from .conftest import asymmetric_model, make_run_dir, mirrored_mean, threshold_model
 
 EXECUTED = []
 
@@ -83,51 +84,35 @@ def test_tta_averages_over_all_mirrorings():
         (2, 3),
         (1, 2, 3),
     ]
-    # A model that is not flip-equivariant (its 3-tap kernel is asymmetric along D).
-    inputs = keras.Input((None, None, None, 1))
-    conv = keras.layers.Conv3D(2, (3, 1, 1), padding="same")
-    model = keras.Model(inputs, conv(inputs))
-    kernel = np.zeros((3, 1, 1, 1, 2), np.float32)
-    kernel[:, 0, 0, 0, 1] = [2.0, 1.0, -3.0]
-    conv.set_weights([kernel, np.zeros(2, np.float32)])
+    model = asymmetric_model()
     x = np.random.default_rng(1).normal(size=(1, 6, 5, 4, 1)).astype(np.float32)
     plain = make_predict_fn(model)
-    expected = np.mean(
-        [np.flip(plain(np.flip(x, a).copy()), a) for a in mirror_axes_combinations((1, 2, 3))],
-        axis=0,
-    )
     got = make_predict_fn(model, tta=True)(x)
-    np.testing.assert_allclose(got, expected, atol=1e-6)
+    np.testing.assert_allclose(got, mirrored_mean(plain, x), atol=1e-6)
     assert not np.allclose(got, plain(x), atol=1e-3)
 
 
 JAX_CHECK = """
 import keras, numpy as np
-from segshare.inference.model_io import make_predict_fn, mirror_axes_combinations
+from segshare.inference.model_io import make_predict_fn
+from tests.inference.conftest import asymmetric_model, mirrored_mean
 assert keras.backend.backend() == "jax"
-inputs = keras.Input((None, None, None, 1))
-conv = keras.layers.Conv3D(2, (3, 1, 1), padding="same")
-model = keras.Model(inputs, conv(inputs))
-kernel = np.zeros((3, 1, 1, 1, 2), np.float32)
-kernel[:, 0, 0, 0, 1] = [2.0, 1.0, -3.0]
-conv.set_weights([kernel, np.zeros(2, np.float32)])
+model = asymmetric_model()
 x = np.random.default_rng(1).normal(size=(3, 6, 5, 4, 1)).astype(np.float32)
-def softmax(b):
-    logits = keras.ops.convert_to_numpy(model(b))
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-fn = make_predict_fn(model, tta=True)
-got = np.concatenate([fn(x[:2]), fn(x[2:])])  # the last batch is smaller (padded inside)
-flips = mirror_axes_combinations((1, 2, 3))
-expected = np.mean([np.flip(softmax(np.flip(x, a).copy()), a) for a in flips], axis=0)
+plain = make_predict_fn(model)
+expected = keras.ops.convert_to_numpy(keras.ops.softmax(model(x), axis=-1))
+np.testing.assert_allclose(plain(x), expected, atol=1e-6)
+tta = make_predict_fn(model, tta=True)
+got = np.concatenate([tta(x[:2]), tta(x[2:])])  # the last batch is smaller (padded inside)
 assert got.shape == x.shape[:4] + (2,) and got.dtype == np.float32
-np.testing.assert_allclose(got, expected, atol=1e-5)
+np.testing.assert_allclose(got, mirrored_mean(plain, x), atol=1e-5)
 print("jax ok")
 """
 
 
 def test_predict_fn_under_the_jax_backend():
-    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": repo}
     proc = subprocess.run(
         [sys.executable, "-c", JAX_CHECK], env=env, capture_output=True, text=True, timeout=300
     )
