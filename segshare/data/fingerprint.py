@@ -97,6 +97,11 @@ def build_fingerprint(dataset: Dataset, stats: dict[str, dict[str, Any]]) -> dic
         "cropped_shapes": {i: stats[i]["cropped_shape"] for i in ids},
         "median_spacing": np.median(spacings, axis=0).tolist(),
         "median_cropped_shape": np.median(shapes, axis=0).tolist(),
+        "median_relative_size_after_cropping": float(
+            np.median(
+                [np.prod(stats[i]["cropped_shape"]) / np.prod(stats[i]["shape"]) for i in ids]
+            )
+        ),
         "intensity_foreground": intensity,
         "class_voxels": {str(k): v for k, v in sorted(totals.items())},
         "class_frequency": {str(k): v / all_vox for k, v in sorted(totals.items())},
@@ -120,6 +125,9 @@ def make_plan(
     anisotropy_threshold: float = 3.0,
 ) -> Plan:
     """Turn a fingerprint into a preprocessing plan.
+
+    z-scored channels are normalised over their nonzero voxels (``use_mask_for_norm``) when
+    cropping to the nonzero box kept less than 3/4 of the median case, as nnU-Net decides.
 
     Args:
         fingerprint: from :func:`build_fingerprint`.
@@ -151,7 +159,9 @@ def make_plan(
             {k: st[k] for k in ("p005", "p995", "mean", "std")} if n == "ct" else None
             for n, st in zip(norm, fingerprint["intensity_foreground"], strict=True)
         ]
+    shrunk = fingerprint.get("median_relative_size_after_cropping", 1.0) < 0.75
     return Plan(
+        use_mask_for_norm=[n == "zscore" and shrunk for n in norm],
         target_spacing=tuple(float(s) for s in spacing),
         normalization=norm,
         ct_stats=ct_stats,

@@ -55,6 +55,9 @@ class Plan:
         num_classes: label values are ``0..num_classes-1``.
         anisotropy_threshold: max/min spacing ratio above which one axis is resampled separately.
         channel_names: channel index -> modality name.
+        use_mask_for_norm: per channel, z-score over the nonzero voxels only and keep the rest 0
+            (nnU-Net's choice when cropping to the nonzero box removed much of the volume, e.g.
+            skull-stripped MR: the zero background would otherwise dominate the statistics).
         image_order: spline order for images.
         version: plan format version.
     """
@@ -67,6 +70,7 @@ class Plan:
     num_classes: int
     anisotropy_threshold: float = 3.0
     channel_names: dict[str, str] = field(default_factory=dict)
+    use_mask_for_norm: list[bool] | None = None
     image_order: int = 3
     version: int = PLAN_VERSION
 
@@ -145,9 +149,16 @@ def load_case_arrays(
     return image, label, np.asarray(affine, dtype=float)
 
 
-def normalize(image: np.ndarray, plan: Plan) -> np.ndarray:
-    """Normalise ``(D, H, W, C)`` per channel, in place on a float32 copy."""
+def normalize(image: np.ndarray, plan: Plan, nonzero: np.ndarray | None = None) -> np.ndarray:
+    """Normalise ``(D, H, W, C)`` per channel into a float32 copy.
+
+    Args:
+        image: the cropped image.
+        plan: normalisation schemes (and CT statistics, masked z-score flags).
+        nonzero: ``(D, H, W)`` mask of nonzero voxels, used where ``plan.use_mask_for_norm``.
+    """
     out = image.astype(np.float32, copy=True)
+    masked = plan.use_mask_for_norm or [False] * len(plan.normalization)
     for c, scheme in enumerate(plan.normalization):
         ch = out[..., c]
         if scheme == "ct":
@@ -155,6 +166,12 @@ def normalize(image: np.ndarray, plan: Plan) -> np.ndarray:
             np.clip(ch, st["p005"], st["p995"], out=ch)
             ch -= st["mean"]
             ch /= max(st["std"], 1e-8)
+        elif scheme == "zscore" and masked[c] and nonzero is not None and nonzero.any():
+            vals = ch[nonzero]
+            mean, std = float(vals.mean()), float(vals.std())
+            ch -= mean
+            ch /= max(std, 1e-8)
+            ch[~nonzero] = 0.0
         elif scheme == "zscore":
             mean, std = float(ch.mean()), float(ch.std())
             ch -= mean
@@ -188,12 +205,11 @@ def preprocess_case(
     if label is not None:
         label, _, _ = reorient_to_ras(label, affine)
     spacing = spacing_of(affine_ras)
-    mask = (image != 0).any(axis=-1)
-    if label is not None:
-        mask |= label > 0
+    nonzero = (image != 0).any(axis=-1)
+    mask = nonzero | (label > 0) if label is not None else nonzero
     bbox = nonzero_bbox(mask)
     crop = tuple(slice(lo, hi) for lo, hi in bbox)
-    image = normalize(image[crop], plan)
+    image = normalize(image[crop], plan, nonzero[crop])
     cropped_shape = image.shape[:3]
     new_shape = compute_new_shape(cropped_shape, spacing, plan.target_spacing)
     axis = anisotropic_axis(spacing, plan.target_spacing, plan.anisotropy_threshold)

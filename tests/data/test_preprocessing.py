@@ -152,3 +152,17 @@ def test_separable_zoom_equals_scipy_zoom(order):
             vol.astype(np.float64), factors, order=order, mode="nearest", grid_mode=True
         )
         np.testing.assert_allclose(_zoom(vol, new, order), ref, atol=1e-5)
+
+
+def test_masked_zscore_keeps_background_zero(tmp_path):
+    img = np.zeros((21, 22, 23), np.float32)
+    img[4:17, 5:18, 3:20] = np.random.default_rng(0).normal(300, 40, (13, 13, 17))
+    img[8:12, 8:12, 8:12] = 0  # a hole of zeros inside the box stays background too
+    path = write_nifti(tmp_path / "mr.nii.gz", img)
+    plan = _plan((1, 1, 1))
+    plan.use_mask_for_norm = [True]
+    image, _, _ = preprocess_case([path], None, plan)
+    fg = image[..., 0] != 0
+    assert fg.sum() == 13 * 13 * 17 - 64
+    assert abs(float(image[..., 0][fg].mean())) < 1e-4
+    assert abs(float(image[..., 0][fg].std()) - 1) < 1e-4
