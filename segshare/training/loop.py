@@ -161,8 +161,9 @@ class Trainer:
         if not rows:
             return
         tmp = self.log_path.with_suffix(".csv.tmp")
+        fields = list(dict.fromkeys(key for row in rows for key in row))  # union, first-seen order
         with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[-1]))
+            writer = csv.DictWriter(fh, fieldnames=fields, restval="")
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, self.log_path)
