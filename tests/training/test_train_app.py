@@ -228,3 +228,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(make_cfg, tmp_path, m
     after = json.loads((tmp_path / "run" / "checkpoints" / "latest" / "state.json").read_text())
     assert after == state
     assert [r["epoch"] for r in _log(tmp_path / "run")] == ["0"]
+
+
+def test_log_keeps_columns_when_validation_is_not_every_epoch(make_cfg, tmp_path):
+    train(make_cfg("trainer.max_epochs=3", "trainer.val_every=2", "trainer.steps_per_epoch=1"))
+    rows = _log(tmp_path / "run")
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    assert rows[0]["val_dice_fg_mean"] == ""  # no validation in epoch 0
+    assert rows[1]["val_dice_fg_mean"] != "" and rows[2]["val_dice_fg_mean"] != ""  # 2nd and last
