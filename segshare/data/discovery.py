@@ -130,12 +130,12 @@ def _labels_from_json(meta: dict, problems: list[tuple[str, str]], where: str) -
     return labels
 
 
-def _inside(root: Path, path: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
+def is_inside(root: Path, path: Path) -> bool:
+    """Whether ``path`` lies inside ``root`` once ``..`` is collapsed (lexically: a dataset
+    folder made of symbolic links to files elsewhere stays valid)."""
+    root_s = os.path.normpath(os.path.abspath(root))
+    path_s = os.path.normpath(os.path.abspath(path))
+    return os.path.commonpath([root_s, path_s]) == root_s
 
 
 def _msd_cases(root: Path, meta: dict, problems: list[tuple[str, str]]) -> list[Case]:
@@ -149,7 +149,7 @@ def _msd_cases(root: Path, meta: dict, problems: list[tuple[str, str]]) -> list[
         image = root / entry["image"]
         label = root / entry["label"] if entry.get("label") else None
         for p in (image, label):
-            if p is not None and not _inside(root, p):
+            if p is not None and not is_inside(root, p):
                 problems.append(
                     (str(p), f"path in dataset.json points outside the dataset root {root}")
                 )

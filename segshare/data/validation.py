@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from segshare.data.discovery import Case, Dataset
+from segshare.data.discovery import Case, Dataset, is_inside
 from segshare.data.fingerprint import case_statistics
 from segshare.data.io import NiftiReadError, load_nifti, read_label_voxels, read_voxels
 from segshare.data.parallel import parallel_map
@@ -211,8 +211,14 @@ def validate_dataset(
             and not any(p.path == str(case.images[0]) for p in problems)
         ):
             problems.append(Problem(str(case.images[0]), f"case {case.case_id!r} has no label"))
-        jobs.append((case, allowed, max_voxels, affine_tol, n_ch, i))
-    results = list(parallel_map(_check_star, jobs, num_workers, "validate", progress))
+        files = [*case.images, *([case.label] if case.label else [])]
+        if all(is_inside(dataset.root, f) for f in files):  # never open files outside the root
+            jobs.append((case, allowed, max_voxels, affine_tol, n_ch, i))
+    order = {c.case_id: i for i, c in enumerate(dataset.cases)}
+    results = sorted(
+        parallel_map(_check_star, jobs, num_workers, "validate", progress),
+        key=lambda r: order[r.case_id],
+    )  # report in case order, not finishing order
     stats = {}
     for res in results:
         problems.extend(res.problems)

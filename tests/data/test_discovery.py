@@ -77,3 +77,15 @@ def test_save_nifti_atomic_roundtrip_leaves_no_temp(tmp_path):
     out = save_nifti_atomic(nib.Nifti1Image(data, np.diag([2.0, 1, 1, 1])), tmp_path / "o.nii.gz")
     np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), data)
     assert [p.name for p in tmp_path.iterdir()] == ["o.nii.gz"]
+
+
+def test_symlinked_dataset_is_inside_but_dotdot_is_not(tmp_path):
+    from segshare.data.discovery import is_inside
+
+    store = write_nifti(tmp_path / "store" / "a.nii.gz", np.zeros((2, 2, 2), np.float32))
+    (tmp_path / "ds" / "imagesTr").mkdir(parents=True)
+    link = tmp_path / "ds" / "imagesTr" / "a.nii.gz"
+    link.symlink_to(store)
+    assert is_inside(tmp_path / "ds", link)
+    assert not is_inside(tmp_path / "ds", tmp_path / "ds" / ".." / "store" / "a.nii.gz")
+    assert not is_inside(tmp_path / "ds", tmp_path / "ds2" / "x.nii.gz")  # not a prefix match
