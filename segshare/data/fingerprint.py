@@ -159,6 +159,8 @@ def make_plan(
             {k: st[k] for k in ("p005", "p995", "mean", "std")} if n == "ct" else None
             for n, st in zip(norm, fingerprint["intensity_foreground"], strict=True)
         ]
+    if max(labels.values()) > 255 or min(labels.values()) < 0:
+        raise ValueError(f"label values must be in [0, 255] (cached as uint8), got {labels}")
     shrunk = fingerprint.get("median_relative_size_after_cropping", 1.0) < 0.75
     return Plan(
         use_mask_for_norm=[n == "zscore" and shrunk for n in norm],
