@@ -95,6 +95,9 @@ def prepare_dataset(data_cfg: Any, progress: bool = True) -> PreparedData:
             [Problem(str(cfg.root), str(err).split(": ", 1)[-1])], cfg.root
         ) from None
     workers = int(cfg.get("num_workers", 2))
+    fold, n_folds = cfg.get("fold", 0), int(cfg.get("num_folds", 5))
+    if fold not in ("all", -1) and not (isinstance(fold, int) and 0 <= fold < n_folds):
+        raise ValueError(f"data.fold must be in [0, {n_folds - 1}] or 'all', got {fold!r}")
     out = Path(str(cfg.preprocessed_dir))
     fingerprint = _validated_fingerprint(dataset, cfg, out, workers, progress)
     dataset.labels = dict(fingerprint["labels"])
@@ -107,12 +110,11 @@ def prepare_dataset(data_cfg: Any, progress: bool = True) -> PreparedData:
     )
     plan.save(out / "plan.json")
     cache_dir = preprocess_dataset(dataset, out, plan, num_workers=workers, progress=progress)
-    fold = cfg.get("fold", 0)
     train_ids, val_ids = get_split(
         out,
         dataset.case_ids,
         fold if fold == "all" else int(fold),
         seed=int(cfg.get("split_seed", 12345)),
-        n_folds=int(cfg.get("num_folds", 5)),
+        n_folds=n_folds,
     )
     return PreparedData(plan, cache_dir, train_ids, val_ids, dataset, fingerprint, out)
