@@ -8,11 +8,14 @@ Scenarios (each runs in its own process, so peak RSS is that scenario's own):
   weights). Timed twice: a straightforward Keras loop (``model.predict`` per batch of windows,
   accumulate, no threads) and ``segshare.inference`` (tf.function forward + softmax, windows
   gathered and accumulated while the next batch runs). Both are checked to give the same labels.
+  ``model_only`` times the network alone on 32 batches of 2 windows: the floor of any loop.
 * ``hippo``: whole-case prediction of real hippocampus scans (read + preprocess + sliding window
   with roi 48x64x48 + restore + atomic NIfTI write) with the same network; seconds per case.
 * ``ct``: a 512x512x300 one-channel CT-like volume with 3 classes through the sliding window and
   the argmax (roi 128^3, a cheap NumPy stand-in for the network: this scenario measures memory);
   peak RSS is compared with input + class probabilities (float32).
+* ``ct_file``: the same size as a user runs it, NIfTI file in -> labels NIfTI out (read,
+  CT normalisation, sliding window, restore, write), on the plan's grid (no resampling).
 
 Usage::
 
@@ -92,8 +95,13 @@ def run_cube(repeats: int) -> dict:
     predict_fn = make_predict_fn(model)
     predict_fn(volume[None, :64, :64, :64])  # trace once (excluded, as the baseline's warm-up)
     model.predict(volume[None, :64, :64, :64], verbose=0)
-    times = {"keras_loop": [], "segshare": []}
+    times = {"keras_loop": [], "segshare": [], "model_only": []}
+    batch = np.stack([volume[:64, :64, :64]] * sw)
     for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(64 // sw):  # the network alone on 64 windows: the floor for both loops
+            predict_fn(batch)
+        times["model_only"].append(time.perf_counter() - t)
         t = time.perf_counter()
         ref = straightforward_loop(volume, model, roi, overlap, sw)
         times["keras_loop"].append(time.perf_counter() - t)
@@ -105,8 +113,10 @@ def run_cube(repeats: int) -> dict:
         "scenario": "cube 160^3, roi 64^3, overlap 0.5, sw_batch_size 2, 64 windows",
         "keras_loop_s": [round(t, 2) for t in times["keras_loop"]],
         "segshare_s": [round(t, 2) for t in times["segshare"]],
+        "model_only_s": [round(t, 2) for t in times["model_only"]],
         "best_keras_loop_s": round(min(times["keras_loop"]), 2),
         "best_segshare_s": round(min(times["segshare"]), 2),
+        "best_model_only_s": round(min(times["model_only"]), 2),
         "max_abs_prob_diff": float(np.abs(ref - ours).max()),
         "same_label_fraction": same,
         "peak_rss_mb": round(peak_rss_mb()),
@@ -181,7 +191,49 @@ def run_ct(repeats: int) -> dict:
     }
 
 
-SCENARIOS = {"cube": run_cube, "hippo": run_hippo, "ct": run_ct}
+def run_ct_file(repeats: int) -> dict:
+    """The CT-like case as a user runs it: NIfTI file in, NIfTI labels out (whole pipeline)."""
+    import tempfile
+
+    import nibabel as nib
+
+    from segshare.data.discovery import Case
+    from segshare.data.preprocessing import Plan
+    from segshare.inference.predictor import Predictor, predict_cases
+
+    shape, spacing = (512, 512, 300), (0.8, 0.8, 2.5)
+    plan = Plan(
+        target_spacing=spacing,  # the scan is on the plan's grid: no resampling
+        normalization=["ct"],
+        ct_stats=[{"p005": -1000.0, "p995": 1500.0, "mean": 40.0, "std": 300.0}],
+        labels={"background": 0, "organ": 1, "tumour": 2},
+        in_channels=1,
+        num_classes=3,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        data = rng.integers(-1000, 1500, size=shape, dtype=np.int16)
+        scan = Path(tmp) / "ct.nii"
+        nib.save(nib.Nifti1Image(data, np.diag([*spacing, 1.0])), str(scan))
+        del data
+        base = peak_rss_mb()
+        predictor = Predictor(cheap_predict_fn, plan, (128, 128, 128))
+        report = predict_cases(predictor, [Case("ct", (scan,))], Path(tmp) / "out", progress=False)
+        if report.failed:
+            raise RuntimeError(report.failed)
+        reference_mb = np.prod(shape) * 4 * (1 + 3) / 2**20
+        peak = peak_rss_mb()
+    return {
+        "scenario": "CT-like 512x512x300 NIfTI -> labels NIfTI, 3 classes (NumPy stand-in network)",
+        "seconds": round(report.seconds, 1),
+        "input_plus_probabilities_mb": round(reference_mb),
+        "peak_rss_mb": round(peak),
+        "peak_rss_over_input_plus_probabilities": round(peak / reference_mb, 2),
+        "rss_before_inference_mb": round(base),
+    }
+
+
+SCENARIOS = {"cube": run_cube, "hippo": run_hippo, "ct": run_ct, "ct_file": run_ct_file}
 
 
 def main() -> None:

@@ -184,9 +184,14 @@ def _accumulate(out, pending, gauss, padded, roi, num_classes):
     if out is None:
         out = np.zeros((*padded, k), dtype=np.float32)
     g = gauss[..., None]
+    scale_in_place = pred.flags.writeable and pred.dtype == np.float32
     for s, p in zip(chunk, pred, strict=True):
         region = out[s]
-        region += p * g
+        if scale_in_place:  # no window-sized temporary
+            p *= g
+            region += p
+        else:
+            region += p * g
     return out
 
 
