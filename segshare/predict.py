@@ -90,6 +90,7 @@ def run(cfg: DictConfig) -> PredictReport:
         sw_batch_size=int(cfg.sw_batch_size),
         sigma_scale=float(cfg.inference.sigma_scale),
         progress=bool(cfg.inference.progress),
+        max_voxels=int(cfg.inference.max_voxels),
     )
     return predict_cases(
         predictor,

@@ -28,8 +28,9 @@ import nibabel as nib
 import numpy as np
 
 from segshare.data.discovery import Case
-from segshare.data.io import _atomic_target, load_nifti, save_nifti_atomic, write_json_atomic
+from segshare.data.io import _atomic_target, save_nifti_atomic, write_json_atomic
 from segshare.data.preprocessing import Plan, preprocess_case, restore_to_original
+from segshare.data.validation import DEFAULT_MAX_VOXELS, _check_geometry, _open_headers
 from segshare.inference.sliding_window import sliding_window_inference
 
 FAILURES_FILE = "failures.json"
@@ -118,6 +119,7 @@ class Predictor:
         sw_batch_size: Windows per model call.
         sigma_scale: Gaussian sigma as a fraction of ``roi_size``.
         progress: Show a progress bar over the windows of each case.
+        max_voxels: Refuse a scan whose header declares more voxels (before reading it).
     """
 
     def __init__(
@@ -130,8 +132,9 @@ class Predictor:
         sw_batch_size: int = 2,
         sigma_scale: float = 0.125,
         progress: bool = False,
+        max_voxels: int = DEFAULT_MAX_VOXELS,
     ):
-        self.predict_fn, self.plan = predict_fn, plan
+        self.predict_fn, self.plan, self.max_voxels = predict_fn, plan, int(max_voxels)
         self.roi_size = tuple(int(r) for r in roi_size)
         self.overlap, self.sw_batch_size = float(overlap), int(sw_batch_size)
         self.sigma_scale, self.progress = float(sigma_scale), bool(progress)
@@ -140,9 +143,16 @@ class Predictor:
         """Read and preprocess a case: ``(image (D, H, W, C) float32, properties, source)``.
 
         Raises:
-            ValueError: Naming the file, when it is unreadable, mismatched or not finite.
+            ValueError: Naming the file, when it is unreadable, not 3D (or 4D channels-last),
+                too large, mismatched (channel shapes or affines differ) or not finite.
         """
-        source = load_nifti(case.images[0])
+        problems: list = []
+        opened = _open_headers(case, self.max_voxels, problems)  # headers only
+        if not problems:
+            _check_geometry(opened, 1e-3, problems)
+        if problems:
+            raise ValueError("; ".join(str(p) for p in problems))
+        source = opened[0][2]
         image, _, props = preprocess_case(case.images, None, self.plan)
         bad = int(image.size - np.count_nonzero(np.isfinite(image)))
         if bad:

@@ -115,17 +115,19 @@ def test_bad_inputs_do_not_stop_the_batch(run_dir, tmp_path, compose_cfg):
     write_scan(folder / "c_nan.nii.gz", nan, np.eye(4), dtype=np.float32)
     two = np.stack([good, good], axis=-1)  # two channels, the plan expects one
     write_scan(folder / "d_twochannels.nii.gz", two, np.eye(4))
+    write_scan(folder / "e_2d.nii.gz", good[:, :, 0], np.eye(4))
     out = tmp_path / "pred"
     report = run(compose_cfg(f"model_path={run_dir}", f"input={folder}", f"output={out}"))
     assert sorted(report.written) == ["a_good", "z_good"]
     failures = json.loads((out / "failures.json").read_text())
-    assert [f["case_id"] for f in failures] == ["b_corrupt", "c_nan", "d_twochannels"]
+    assert [f["case_id"] for f in failures] == ["b_corrupt", "c_nan", "d_twochannels", "e_2d"]
     reasons = {f["case_id"]: f for f in failures}
     assert "NaN or Inf" in reasons["c_nan"]["reason"]
     assert "c_nan.nii.gz" in reasons["c_nan"]["reason"]
     assert "b_corrupt.nii.gz" in reasons["b_corrupt"]["reason"]
     assert "channels" in reasons["d_twochannels"]["reason"]
     assert reasons["d_twochannels"]["file"].endswith("d_twochannels.nii.gz")
+    assert "must be 3D" in reasons["e_2d"]["reason"]
     assert sorted(p.name for p in out.iterdir()) == [
         "a_good.nii.gz",
         "failures.json",
@@ -163,6 +165,28 @@ def test_select_shard_deals_every_case_once():
         select_shard(cases, 3, 3)
     with pytest.raises(ValueError, match="shard.count"):
         select_shard(cases, 0, 0)
+
+
+def test_channels_with_different_geometry_are_refused(tmp_path, compose_cfg):
+    from .conftest import make_run_dir
+
+    run2 = make_run_dir(tmp_path / "run2", in_channels=2)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    data = random_scan((17, 18, 19))
+    shifted = np.eye(4)
+    shifted[0, 3] = 5.0
+    for case, second in (("good", np.eye(4)), ("moved", shifted)):
+        write_scan(folder / f"{case}_0000.nii.gz", data, np.eye(4))
+        write_scan(folder / f"{case}_0001.nii.gz", data, second)
+    write_scan(folder / "small_0000.nii.gz", data, np.eye(4))
+    write_scan(folder / "small_0001.nii.gz", data[:-1], np.eye(4))
+    out = tmp_path / "pred"
+    report = run(compose_cfg(f"model_path={run2}", f"input={folder}", f"output={out}"))
+    assert report.written == ["good"]
+    reasons = {f["case_id"]: f["reason"] for f in report.failed}
+    assert "moved_0001.nii.gz: channel affine differs" in reasons["moved"]
+    assert "small_0001.nii.gz: channel shape (16, 18, 19)" in reasons["small"]
 
 
 def test_discovered_multichannel_case_is_predicted(tmp_path, compose_cfg):
