@@ -195,3 +195,7 @@ def main(cfg: DictConfig) -> None:
         print(f"segshare-evaluate: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     _print_summary(summary, str(cfg.output))
+
+
+if __name__ == "__main__":
+    main()

@@ -177,22 +177,24 @@ def test_hippocampus_against_perturbed_copy(tmp_path):
     assert summary["num_missing_predictions"] == 1
 
 
-def test_cli_error_is_one_line_without_traceback(label_folders, tmp_path, monkeypatch, capsys):
-    from segshare.evaluate import main
+def test_cli_error_is_one_line_without_traceback(label_folders, tmp_path):
+    import subprocess
+    import sys
 
+    # A real process: Hydra's logging setup inside pytest's captured streams is not the CLI.
     argv = [
-        "segshare-evaluate",
+        sys.executable,
+        "-m",
+        "segshare.evaluate",
         f"pred={label_folders['pred']}",
         f"ref={tmp_path / 'nope'}",
         f"output={tmp_path / 'o'}",
         f"hydra.run.dir={tmp_path / 'h'}",
     ]
-    monkeypatch.setattr("sys.argv", argv)
-    with pytest.raises(SystemExit) as info:
-        main()
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "segshare-evaluate: error: folder not found" in err and "Traceback" not in err
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "segshare-evaluate: error: folder not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_report_with_a_label_absent_everywhere(label_folders, tmp_path):
