@@ -18,7 +18,7 @@ from .conftest import random_scan, write_scan
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
-# Hydra's log handlers would keep pytest's captured stderr after the test closed it.
+# No log handlers bound to pytest's captured streams in the subprocesses either.
 QUIET = ["hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
@@ -32,8 +32,16 @@ def scans(tmp_path) -> Path:
 
 
 def _call_main(monkeypatch, tmp_path, *overrides: str) -> int:
+    """Run the real Hydra entry point in-process; returns its exit status.
+
+    Hydra's logging setup (``logging.config.dictConfig``) shuts down every existing handler, and
+    absl's handler (installed when TensorFlow is imported, e.g. while pytest collects) then closes
+    its stream: pytest's capture file, which breaks the whole session. Logging setup is skipped.
+    """
     argv = ["segshare-predict", f"hydra.run.dir={tmp_path}/hydra", *QUIET, *overrides]
     monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr("hydra.core.utils.configure_log", lambda *a, **k: None)
+    monkeypatch.setattr("hydra._internal.hydra.configure_log", lambda *a, **k: None)
     with pytest.raises(SystemExit) as exit_info:
         main()
         raise SystemExit(0)
