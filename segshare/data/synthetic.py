@@ -88,14 +88,15 @@ def _write_case(
     aff: np.ndarray,
     num_channels: int,
     rng: np.random.Generator,
+    split: str = "Tr",
 ) -> None:
     for c in range(num_channels):
         chan = img if c == 0 else (img * rng.uniform(0.5, 1.5) + rng.normal(0, 10, img.shape))
         save_nifti_atomic(
             nib.Nifti1Image(chan.astype(np.float32), aff),
-            root / "imagesTr" / f"{case_id}_{c:04d}.nii.gz",
+            root / f"images{split}" / f"{case_id}_{c:04d}.nii.gz",
         )
-    save_nifti_atomic(nib.Nifti1Image(lbl, aff), root / "labelsTr" / f"{case_id}.nii.gz")
+    save_nifti_atomic(nib.Nifti1Image(lbl, aff), root / f"labels{split}" / f"{case_id}.nii.gz")
 
 
 def generate_synthetic_dataset(
@@ -107,6 +108,7 @@ def generate_synthetic_dataset(
     num_organs: int = 2,
     num_channels: int = 1,
     ct_like: bool = False,
+    num_test_cases: int = 0,
 ) -> Path:
     """Write a synthetic dataset in the nnU-Net raw layout.
 
@@ -119,6 +121,8 @@ def generate_synthetic_dataset(
         num_organs: foreground labels.
         num_channels: image channels per case (``{case}_{XXXX}`` files).
         ct_like: CT-like intensities; ``dataset.json`` then names the channels "CT".
+        num_test_cases: held-out cases written to ``imagesTs/`` and ``labelsTs/`` (numbered after
+            the training cases, drawn after them, so they never change the training cases).
 
     Returns:
         ``out_dir``. The folder is built under a temporary name and renamed into place.
@@ -130,12 +134,13 @@ def generate_synthetic_dataset(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for i in range(num_cases):
+        for i in range(num_cases + num_test_cases):
             shape = tuple(int(s) for s in rng.integers(shape_range[0], shape_range[1] + 1, 3))
             spacing = tuple(float(s) for s in np.round(rng.uniform(*spacing_range, 3), 3))
             aff = make_affine(spacing, rng, flip=bool(i % 3 == 1))
             img, lbl = make_phantom(shape, rng, num_organs=num_organs, ct_like=ct_like)
-            _write_case(tmp, f"case_{i:03d}", img, lbl, aff, num_channels, rng)
+            split = "Tr" if i < num_cases else "Ts"
+            _write_case(tmp, f"case_{i:03d}", img, lbl, aff, num_channels, rng, split)
         modality = "CT" if ct_like else "MR"
         meta: dict[str, Any] = {
             "name": "segshare-synthetic",
@@ -146,6 +151,7 @@ def generate_synthetic_dataset(
                 **{ORGANS[k % 3] + (f"_{k}" if k >= 3 else ""): k + 1 for k in range(num_organs)},
             },
             "numTraining": num_cases,
+            "numTest": num_test_cases,
             "file_ending": ".nii.gz",
         }
         write_json_atomic(meta, tmp / "dataset.json")
@@ -176,6 +182,7 @@ def ensure_dataset(data_cfg: Any) -> Path:
             spacing_range=tuple(syn.spacing_range),
             num_organs=int(syn.num_organs),
             num_channels=int(syn.get("num_channels", 1)),
+            num_test_cases=int(syn.get("num_test_cases", 0)),
         )
     if not root.exists():
         raise ValueError(f"data.root: dataset folder {root} does not exist")

@@ -89,3 +89,24 @@ def test_symlinked_dataset_is_inside_but_dotdot_is_not(tmp_path):
     assert is_inside(tmp_path / "ds", link)
     assert not is_inside(tmp_path / "ds", tmp_path / "ds" / ".." / "store" / "a.nii.gz")
     assert not is_inside(tmp_path / "ds", tmp_path / "ds2" / "x.nii.gz")  # not a prefix match
+
+
+def test_synthetic_held_out_test_cases_do_not_change_training_cases(tmp_path):
+    from segshare.data.synthetic import generate_synthetic_dataset
+
+    plain = generate_synthetic_dataset(tmp_path / "a", num_cases=3, seed=5, shape_range=(18, 20))
+    held = generate_synthetic_dataset(
+        tmp_path / "b", num_cases=3, seed=5, shape_range=(18, 20), num_test_cases=2
+    )
+    assert [c.case_id for c in discover_dataset(held).cases] == ["case_000", "case_001", "case_002"]
+    tests = discover_images(held / "imagesTs")
+    assert [c.case_id for c in tests] == ["case_003", "case_004"]
+    assert sorted(p.name for p in (held / "labelsTs").iterdir()) == [
+        "case_003.nii.gz",
+        "case_004.nii.gz",
+    ]
+    for name in ("imagesTr/case_002_0000.nii.gz", "labelsTr/case_002.nii.gz"):
+        np.testing.assert_array_equal(
+            np.asarray(nib.load(plain / name).dataobj), np.asarray(nib.load(held / name).dataobj)
+        )
+    assert not (plain / "imagesTs").exists()
