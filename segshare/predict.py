@@ -41,6 +41,25 @@ def _roi_size(cfg: DictConfig, config_path: Path | None) -> tuple[int, int, int]
     return tuple(int(r) for r in roi)
 
 
+def _check_window(predict_fn, roi: tuple[int, ...], channels: int, num_classes: int) -> None:
+    """Predict one empty window up front (also traces the model once) to catch a bad roi_size."""
+    import numpy as np
+
+    try:
+        out = predict_fn(np.zeros((1, *roi, channels), np.float32))
+    except Exception as err:  # noqa: BLE001 - backend errors vary; the first line is enough
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(
+            f"roi_size={list(roi)}: the model cannot predict a window of this size ({first}); "
+            f"U-Nets need sizes divisible by 2**(stages - 1)."
+        ) from None
+    if out.shape != (1, *roi, num_classes):
+        raise ValueError(
+            f"the model maps a (1, {', '.join(map(str, roi))}, {channels}) window to "
+            f"{out.shape}, expected (1, {', '.join(map(str, roi))}, {num_classes}) (plan.json)."
+        )
+
+
 def run(cfg: DictConfig) -> PredictReport:
     """Predict every case of ``cfg.input`` (this shard's share) into ``cfg.output``.
 
@@ -82,8 +101,10 @@ def run(cfg: DictConfig) -> PredictReport:
             f"{plan.in_channels}."
         )
     mirror_axes = [int(a) + 1 for a in cfg.inference.mirror_axes]
+    predict_fn = make_predict_fn(model, tta=bool(cfg.tta), mirror_axes=mirror_axes)
+    _check_window(predict_fn, roi, plan.in_channels, plan.num_classes)
     predictor = Predictor(
-        make_predict_fn(model, tta=bool(cfg.tta), mirror_axes=mirror_axes),
+        predict_fn,
         plan,
         roi,
         overlap=float(cfg.overlap),

@@ -154,6 +154,30 @@ def test_output_folder_must_not_be_the_input_folder(run_dir, tmp_path, compose_c
         run(compose_cfg(f"model_path={run_dir}", f"input={tmp_path}", f"output={tmp_path}/."))
 
 
+def test_a_window_the_model_cannot_take_is_refused_up_front(tmp_path, compose_cfg):
+    import keras
+
+    from .conftest import make_run_dir
+
+    inputs = keras.Input((None, None, None, 1))
+    x = keras.layers.MaxPooling3D(2)(inputs)
+    x = keras.layers.UpSampling3D(2)(x)
+    model = keras.Model(inputs, keras.layers.Conv3D(2, 1)(keras.layers.Concatenate()([x, inputs])))
+    run2 = make_run_dir(tmp_path / "run2", model=model)
+    write_scan(tmp_path / "a.nii.gz", random_scan((8, 9, 10)), np.eye(4))
+    cfg = compose_cfg(
+        f"model_path={run2}", f"input={tmp_path / 'a.nii.gz'}", "inference.roi_size=[9,8,8]"
+    )
+    with pytest.raises(ValueError, match=r"roi_size=\[9, 8, 8\]: the model cannot predict"):
+        run(cfg)
+    three = make_run_dir(
+        tmp_path / "run3", model=keras.Sequential([inputs, keras.layers.Conv3D(3, 1)])
+    )
+    cfg = compose_cfg(f"model_path={three}", f"input={tmp_path / 'a.nii.gz'}")
+    with pytest.raises(ValueError, match=r"expected \(1, 16, 16, 16, 2\) \(plan.json\)"):
+        run(cfg)
+
+
 def test_select_shard_deals_every_case_once():
     cases = [Case(f"case{i:02d}", ()) for i in (7, 3, 9, 1, 4)]
     shards = [select_shard(cases, k, 3) for k in range(3)]
