@@ -152,3 +152,7 @@ def main(cfg: DictConfig) -> None:
             # Let the launcher finish the other shards; the sweep then fails with this message.
             raise RuntimeError(f"{len(report.failed)} case(s) failed; see {cfg.output}")
         raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
