@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -147,11 +148,37 @@ def main(cfg: DictConfig) -> None:
         print(f"segshare-predict: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(format_report(report, str(cfg.output)), file=sys.stderr if report.failed else sys.stdout)
-    if report.failed:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            # Let the launcher finish the other shards; the sweep then fails with this message.
-            raise RuntimeError(f"{len(report.failed)} case(s) failed; see {cfg.output}")
+    # In a multirun the other shards go on; FailuresCallback sets the exit status at the end.
+    if report.failed and HydraConfig.get().mode != RunMode.MULTIRUN:
         raise SystemExit(1)
+
+
+class FailuresCallback(Callback):
+    """After a multirun (all shards done), exit with status 1 if any shard listed failed cases.
+
+    Reads the shards' ``failures*.json`` in ``output`` (or, when ``output`` is left to each job's
+    folder, anywhere below the sweep folder), so the status is right for every launcher (joblib,
+    submitit) without a traceback.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        import json
+
+        output = OmegaConf.select(config, "output", throw_on_resolution_failure=False)
+        try:
+            count = int(config.shard.count)
+            name = "failures.json" if count == 1 else f"failures.shard-*-of-{count}.json"
+        except (TypeError, ValueError, OmegaConfBaseException):
+            name = "failures*.json"
+        if output is not None and Path(output).is_dir():
+            files = sorted(Path(output).glob(name))
+        else:
+            files = sorted(Path(config.hydra.sweep.dir).rglob(name))
+        failed = [f for path in files for f in json.loads(path.read_text())]
+        if failed:
+            where = ", ".join(str(p) for p in files)
+            print(f"segshare-predict: {len(failed)} case(s) failed in the sweep; see {where}")
+            raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from segshare.predict import main, run
 from .conftest import random_scan, write_scan
 
 REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
+PYTHONPATH = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": PYTHONPATH}
 # No log handlers bound to pytest's captured streams in the subprocesses either.
 QUIET = ["hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
@@ -119,6 +120,7 @@ def test_sigkill_then_rerun_does_only_the_missing_cases(tmp_path, run_dir, scans
 @pytest.mark.slow  # ~30 s on 2 cores: three Python processes import TensorFlow
 def test_joblib_multirun_over_shards_writes_every_case_once(tmp_path, run_dir, scans):
     out = tmp_path / "pred"
+    (scans / "f_bad.nii.gz").write_bytes(b"not a scan")  # shard 1 of 2: the sweep must fail
     cmd = [
         sys.executable,
         str(REPO / "scripts" / "predict.py"),
@@ -134,7 +136,9 @@ def test_joblib_multirun_over_shards_writes_every_case_once(tmp_path, run_dir, s
         "inference.progress=false",
     ]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 1, logs[-3000:]
+    assert "1 case(s) failed in the sweep" in logs and "Traceback" not in logs, logs[-3000:]
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".nii.gz")) == [
         f"{c}.nii.gz" for c in "abcde"
     ]
@@ -143,5 +147,6 @@ def test_joblib_multirun_over_shards_writes_every_case_once(tmp_path, run_dir, s
         "failures.shard-1-of-2.json",
     ]
     # Each shard wrote its own share (round-robin over the sorted ids), nothing twice.
-    logs = proc.stdout + proc.stderr
     assert logs.count("3 written") == 1 and logs.count("2 written") == 1, logs[-2000:]
+    failures = json.loads((out / "failures.shard-1-of-2.json").read_text())
+    assert [f["case_id"] for f in failures] == ["f_bad"]

@@ -111,8 +111,9 @@ print("jax ok")
 
 
 def test_predict_fn_under_the_jax_backend():
-    repo = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": repo}
+    repo = str(Path(__file__).resolve().parents[2])  # after any PYTHONPATH already set
+    path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), repo]))
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": path}
     proc = subprocess.run(
         [sys.executable, "-c", JAX_CHECK], env=env, capture_output=True, text=True, timeout=300
     )
