@@ -151,17 +151,22 @@ def sliding_window_inference(
         weights[s] += gauss
     out = None
     bar = _progress_bar(len(slices), progress)
-    batches = _batches(volume, slices, int(sw_batch_size))
+
+    def accumulate(chunk: list, future) -> None:
+        nonlocal out
+        out = _accumulate(out, chunk, future.result(), gauss, padded, num_classes)
+        bar.update(len(chunk))
+
     # One worker runs predict_fn (TF/JAX release the GIL), so the main thread stacks the next
     # windows and accumulates the last predictions meanwhile.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
-        for chunk, windows in itertools.chain(batches, [(None, None)]):
-            future = pool.submit(predict_fn, windows) if chunk is not None else None
+        for chunk, windows in _batches(volume, slices, int(sw_batch_size)):
+            future = pool.submit(predict_fn, windows)
             if pending is not None:
-                out = _accumulate(out, pending, gauss, padded, roi, num_classes)
-                bar.update(len(pending[0]))
-            pending = (chunk, future) if chunk is not None else None
+                accumulate(*pending)
+            pending = (chunk, future)
+        accumulate(*pending)
     bar.close()
     out /= weights[..., None]
     if any(p[1] for p in pads):
@@ -169,10 +174,9 @@ def sliding_window_inference(
     return out
 
 
-def _accumulate(out, pending, gauss, padded, roi, num_classes):
+def _accumulate(out, chunk, pred, gauss, padded, num_classes):
     """Add the Gaussian-weighted predictions of one batch into ``out`` (allocated on first use)."""
-    chunk, future = pending
-    pred = np.asarray(future.result())
+    pred, roi = np.asarray(pred), gauss.shape
     if pred.ndim != 5 or pred.shape[0] != len(chunk) or tuple(pred.shape[1:4]) != roi:
         raise ValueError(
             f"predict_fn must return ({len(chunk)}, {', '.join(map(str, roi))}, K) "
@@ -196,7 +200,7 @@ def _accumulate(out, pending, gauss, padded, roi, num_classes):
 
 
 def _progress_bar(total: int, enabled: bool):
-    """A tqdm bar over windows, or a no-op stand-in when disabled."""
+    """A tqdm bar over windows (disabled unless ``enabled``)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="windows", unit="win", leave=False, disable=not enabled)
