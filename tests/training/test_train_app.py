@@ -236,3 +236,28 @@ def test_log_keeps_columns_when_validation_is_not_every_epoch(make_cfg, tmp_path
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]
     assert rows[0]["val_dice_fg_mean"] == ""  # no validation in epoch 0
     assert rows[1]["val_dice_fg_mean"] != "" and rows[2]["val_dice_fg_mean"] != ""  # 2nd and last
+
+
+def test_multirun_sweep_puts_each_scheme_in_its_own_folder(tiny_data_root, tmp_path):
+    from tests.training.conftest import TINY
+
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        "-m",
+        "segshare.train",
+        "-m",
+        *TINY,
+        "trainer.max_epochs=1",
+        "trainer.steps_per_epoch=1",
+        "sharing=none,global",
+        f"paths.data_dir={tiny_data_root}",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p.parent for p in sweep.glob("*/model.keras"))
+    assert [p.name for p in runs] == ["0", "1"]
+    schemes = [json.loads((p / "parameters.json").read_text())["sharing"] for p in runs]
+    assert schemes == ["none", "global"]
