@@ -64,6 +64,15 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.nd
         return np.where(denom > 0, 2 * tp / denom, np.nan)
 
 
+def _nanmean(values: np.ndarray) -> np.ndarray | float:
+    """Mean over the first axis ignoring NaN; NaN (not a warning) where everything is NaN."""
+    values = np.asarray(values, dtype=np.float64)
+    counts = np.sum(np.isfinite(values), axis=0)
+    sums = np.nansum(values, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
 class Trainer:
     """Holds the model, optimizer, strategy and step; ``fit`` runs (or resumes) the epochs."""
 
@@ -120,23 +129,12 @@ class Trainer:
                 num_classes=self.num_classes,
             )
             dices.append(dice_per_class(probs.argmax(-1), np.asarray(label), self.num_classes))
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean = (
-                    np.nanmean(np.stack(dices), axis=0)
-                    if dices
-                    else np.full(self.num_classes - 1, np.nan)
-                )
+        mean = _nanmean(np.stack(dices) if dices else np.full((1, self.num_classes - 1), np.nan))
         result = {
             f"val_dice_{self.s.label_names.get(k, k)}": float(v)
             for k, v in enumerate(mean, start=1)
         }
-        result["val_dice_fg_mean"] = (
-            float(np.nanmean(mean)) if np.isfinite(mean).any() else float("nan")
-        )
+        result["val_dice_fg_mean"] = float(_nanmean(mean))
         return result
 
     # -- state -------------------------------------------------------------------------------

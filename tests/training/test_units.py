@@ -95,3 +95,15 @@ def test_checkpoint_round_trip_and_interrupted_swap(tmp_path):
 def test_unknown_strategy_is_refused():
     with pytest.raises(ValueError, match="got 'tpu'"):
         make_strategy("tpu")
+
+
+def test_nanmean_ignores_nan_without_warnings():
+    import warnings
+
+    from segshare.training.loop import _nanmean
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _nanmean(np.array([[0.5, np.nan], [1.0, np.nan]]))
+    assert out[0] == pytest.approx(0.75) and np.isnan(out[1])
+    assert float(_nanmean(np.array([0.2, np.nan, 0.4]))) == pytest.approx(0.3)
