@@ -27,7 +27,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _roi_size(cfg: DictConfig, config_path: Path | None) -> tuple[int, int, int]:
-    """The window size: ``inference.roi_size``, else the run's training ``data.patch_size``."""
+    """The window size: ``inference.roi_size``, else the run's training ``data.patch_size``.
+
+    The window arguments (``overlap``, ``sw_batch_size``) are checked here too, so a bad value
+    is a setup error rather than a failure of every case.
+    """
+    from segshare.inference.sliding_window import check_window_args
+
     roi = cfg.inference.roi_size
     if roi is None and config_path is not None:
         roi = OmegaConf.select(OmegaConf.load(config_path), "data.patch_size")
@@ -36,10 +42,8 @@ def _roi_size(cfg: DictConfig, config_path: Path | None) -> tuple[int, int, int]
             "inference.roi_size is not set and the run folder has no config.yaml with "
             "data.patch_size; pass inference.roi_size=[D,H,W]."
         )
-    roi = list(roi) if not isinstance(roi, int) else [roi] * 3
-    if len(roi) != 3 or any(int(r) != r or int(r) < 1 for r in roi):
-        raise ValueError(f"roi_size must be three positive integers, got {roi!r}.")
-    return tuple(int(r) for r in roi)
+    roi = roi if isinstance(roi, int) else list(roi)
+    return check_window_args(roi, cfg.overlap, cfg.sw_batch_size)
 
 
 def _check_window(predict_fn, roi: tuple[int, ...], channels: int, num_classes: int) -> None:

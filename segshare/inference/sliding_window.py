@@ -23,11 +23,21 @@ import numpy as np
 PredictFn = Callable[[np.ndarray], np.ndarray]
 
 
-def _as_roi(roi_size: int | Sequence[int]) -> tuple[int, int, int]:
-    """Validate ``roi_size`` and return it as three positive ints."""
+def check_window_args(
+    roi_size: int | Sequence[int], overlap: float = 0.5, sw_batch_size: int = 2
+) -> tuple[int, int, int]:
+    """Validate the sliding-window arguments; returns ``roi_size`` as three positive ints.
+
+    Raises:
+        ValueError: Quoting the bad value.
+    """
     roi = (roi_size,) * 3 if isinstance(roi_size, (int, np.integer)) else tuple(roi_size)
     if len(roi) != 3 or any(int(r) != r or r < 1 for r in roi):
         raise ValueError(f"roi_size must be three positive integers, got {roi_size!r}.")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}.")
+    if int(sw_batch_size) != sw_batch_size or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be a positive integer, got {sw_batch_size!r}.")
     return tuple(int(r) for r in roi)
 
 
@@ -133,11 +143,7 @@ def sliding_window_inference(
             f"volume must be a (D, H, W, C) numpy array, got {type(volume).__name__} "
             f"with shape {getattr(volume, 'shape', None)}."
         )
-    roi = _as_roi(roi_size)
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}.")
-    if int(sw_batch_size) != sw_batch_size or sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be a positive integer, got {sw_batch_size!r}.")
+    roi = check_window_args(roi_size, overlap, sw_batch_size)
     shape = volume.shape[:3]
     pads = [(0, max(r - s, 0)) for s, r in zip(shape, roi, strict=True)]
     if any(p[1] for p in pads):

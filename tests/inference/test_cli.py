@@ -59,6 +59,15 @@ def test_setup_error_exits_2_with_one_line(monkeypatch, tmp_path, scans, capsys)
     assert "segshare-predict: error: model_path=" in err and "Traceback" not in err
 
 
+def test_a_bad_window_option_is_a_setup_error(monkeypatch, tmp_path, run_dir, scans, capsys):
+    args = [f"model_path={run_dir}", f"input={scans}", f"output={tmp_path}/pred"]
+    assert _call_main(monkeypatch, tmp_path, *args, "overlap=1.5") == 2
+    assert "overlap must be in [0, 1), got 1.5" in capsys.readouterr().err
+    assert _call_main(monkeypatch, tmp_path, *args, "inference.roi_size=[16,16]") == 2
+    assert "roi_size must be three positive integers" in capsys.readouterr().err
+    assert not (tmp_path / "pred").exists()
+
+
 def test_a_failed_case_exits_1_and_a_rerun_exits_0(monkeypatch, tmp_path, run_dir, scans):
     # (no capsys here: Hydra's logging setup closes the handlers bound to captured streams)
     out = tmp_path / "pred"
