@@ -15,7 +15,9 @@ Scenarios (each runs in its own process, so peak RSS is that scenario's own):
   the argmax (roi 128^3, a cheap NumPy stand-in for the network: this scenario measures memory);
   peak RSS is compared with input + class probabilities (float32).
 * ``ct_file``: the same size as a user runs it, NIfTI file in -> labels NIfTI out (read,
-  CT normalisation, sliding window, restore, write), on the plan's grid (no resampling).
+  CT normalisation, sliding window, restore, write), on the plan's grid (no resampling);
+  ``ct_file_resampled``: the same with a plan of 1.0 x 1.0 x 2.5 mm (0.8 mm in-plane scan), so
+  the image is resampled and the probabilities are resampled back before the argmax.
 
 Usage::
 
@@ -191,8 +193,12 @@ def run_ct(repeats: int) -> dict:
     }
 
 
-def run_ct_file(repeats: int) -> dict:
-    """The CT-like case as a user runs it: NIfTI file in, NIfTI labels out (whole pipeline)."""
+def run_ct_file(repeats: int, target_spacing=None) -> dict:
+    """The CT-like case as a user runs it: NIfTI file in, NIfTI labels out (whole pipeline).
+
+    ``target_spacing=None``: the scan is on the plan's grid (no resampling); otherwise the image
+    is resampled to it and the probabilities back to the scan's grid.
+    """
     import tempfile
 
     import nibabel as nib
@@ -203,7 +209,7 @@ def run_ct_file(repeats: int) -> dict:
 
     shape, spacing = (512, 512, 300), (0.8, 0.8, 2.5)
     plan = Plan(
-        target_spacing=spacing,  # the scan is on the plan's grid: no resampling
+        target_spacing=target_spacing or spacing,
         normalization=["ct"],
         ct_stats=[{"p005": -1000.0, "p995": 1500.0, "mean": 40.0, "std": 300.0}],
         labels={"background": 0, "organ": 1, "tumour": 2},
@@ -223,8 +229,9 @@ def run_ct_file(repeats: int) -> dict:
             raise RuntimeError(report.failed)
         reference_mb = np.prod(shape) * 4 * (1 + 3) / 2**20
         peak = peak_rss_mb()
+    grid = "no resampling" if target_spacing is None else f"resampled to {target_spacing} mm"
     return {
-        "scenario": "CT-like 512x512x300 NIfTI -> labels NIfTI, 3 classes (NumPy stand-in network)",
+        "scenario": f"CT-like 512x512x300 NIfTI -> labels NIfTI, 3 classes, {grid}",
         "seconds": round(report.seconds, 1),
         "input_plus_probabilities_mb": round(reference_mb),
         "peak_rss_mb": round(peak),
@@ -233,7 +240,13 @@ def run_ct_file(repeats: int) -> dict:
     }
 
 
-SCENARIOS = {"cube": run_cube, "hippo": run_hippo, "ct": run_ct, "ct_file": run_ct_file}
+SCENARIOS = {
+    "cube": run_cube,
+    "hippo": run_hippo,
+    "ct": run_ct,
+    "ct_file": run_ct_file,
+    "ct_file_resampled": lambda repeats: run_ct_file(repeats, target_spacing=(1.0, 1.0, 2.5)),
+}
 
 
 def main() -> None:

@@ -84,6 +84,31 @@ def argmax_labels(probs: np.ndarray) -> np.ndarray:
     return labels
 
 
+def restored_argmax(probs: np.ndarray, properties: dict[str, Any]) -> np.ndarray:
+    """``argmax(restore_to_original(probs))`` restoring one class at a time.
+
+    Resampling back is linear per class and the uncropped region is 1.0 in every single-class
+    restore, so a running maximum (ties to the lower class, as ``np.argmax``) gives the same
+    labels while only one class lives on the scan's grid at a time.
+
+    Args:
+        probs: ``(D, H, W, K)`` probabilities on the preprocessed grid.
+        properties: The case's preprocessing properties.
+
+    Returns:
+        ``(I, J, K)`` uint8 labels on the scan's grid.
+    """
+    best = labels = None
+    for k in range(probs.shape[-1]):
+        restored = restore_to_original(probs[..., k : k + 1], properties, is_label=False)[..., 0]
+        if best is None:
+            best, labels = restored, np.zeros(restored.shape, np.uint8)
+            continue
+        labels[restored > best] = k
+        np.maximum(best, restored, out=best)
+    return labels
+
+
 def label_nifti(labels: np.ndarray, source: nib.Nifti1Image) -> nib.Nifti1Image:
     """Wrap a label map in a NIfTI with the source scan's geometry and header.
 
@@ -188,19 +213,20 @@ class Predictor:
     ) -> Path:
         """Restore ``probs`` to the scan's grid, write the labels (and probabilities) atomically.
 
-        Probabilities are resampled back before the argmax (as nnU-Net). When the preprocessed
-        grid is the cropped scan grid (no resampling) and no probabilities are saved, the argmax
-        is taken first: the same labels (uncropping adds class 0, reorienting permutes voxels)
-        without a second ``(I, J, K, K)`` float32 buffer.
+        Probabilities are resampled back before the argmax (as nnU-Net). Unless they are saved,
+        no ``(I, J, K, num_classes)`` buffer is made: without resampling the argmax is taken
+        first (uncropping adds class 0, reorienting permutes voxels), with resampling one class
+        is restored at a time (:func:`restored_argmax`); the labels are the same.
         """
         nii_path, npz_path = output_paths(output_dir, case_id)
-        resampled = list(props["resampled_shape"]) != list(props["cropped_shape"])
-        if resampled or save_probabilities:
+        if save_probabilities:
             probs = restore_to_original(probs, props, is_label=False)
-            if save_probabilities:  # before the NIfTI: an existing NIfTI = a complete case
-                with _atomic_target(npz_path, ".npz") as tmp:
-                    np.savez_compressed(tmp, probabilities=probs)
+            # before the NIfTI: an existing NIfTI means a complete case
+            with _atomic_target(npz_path, ".npz") as tmp:
+                np.savez_compressed(tmp, probabilities=probs)
             labels = argmax_labels(probs)
+        elif list(props["resampled_shape"]) != list(props["cropped_shape"]):
+            labels = restored_argmax(probs, props)
         else:
             labels = restore_to_original(argmax_labels(probs), props, is_label=True)
         del probs

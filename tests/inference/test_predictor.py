@@ -178,6 +178,28 @@ def test_a_window_the_model_cannot_take_is_refused_up_front(tmp_path, compose_cf
         run(cfg)
 
 
+def test_restoring_one_class_at_a_time_gives_the_same_labels(tmp_path):
+    from segshare.data.preprocessing import Plan, preprocess_case, restore_to_original
+    from segshare.inference.predictor import argmax_labels, restored_argmax
+
+    data = np.zeros((23, 30, 9))
+    data[3:20, 4:27, 1:8] = random_scan((17, 23, 7))  # zero border: the crop is undone too
+    affine = LPS.copy()
+    affine[:3, :3] = affine[:3, :3] @ np.diag([0.8, 0.9, 3.0])
+    scan = write_scan(tmp_path / "a.nii.gz", data, affine)
+    plan = Plan((1.0, 1.0, 1.5), ["zscore"], None, {"background": 0, "a": 1, "b": 2}, 1, 3)
+    image, _, props = preprocess_case([scan], None, plan)
+    assert props["resampled_shape"] != props["cropped_shape"]
+    logits = np.random.default_rng(0).normal(size=(*image.shape[:3], 3))
+    probs = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
+    probs[..., 2] = probs[..., 1]  # exact ties must go to the lower class, as np.argmax
+    expected = argmax_labels(restore_to_original(probs, props, is_label=False))
+    labels = restored_argmax(probs, props)
+    assert labels.shape == data.shape and labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, expected)
+    assert set(np.unique(labels)) == {0, 1}
+
+
 def test_select_shard_deals_every_case_once():
     cases = [Case(f"case{i:02d}", ()) for i in (7, 3, 9, 1, 4)]
     shards = [select_shard(cases, k, 3) for k in range(3)]
