@@ -94,6 +94,21 @@ def random_scan(shape, seed: int = 0) -> np.ndarray:
     return 100 + 1000 * gaussian_filter(rng.random(shape), 2.0)
 
 
+def assert_same_geometry(pred: nib.Nifti1Image, src: nib.Nifti1Image) -> None:
+    """A prediction has its scan's shape, affine, qform/sform (and codes), orientation, zooms,
+    and an unsigned 8-bit label dtype."""
+    name = src.get_filename()
+    assert pred.shape == src.shape[:3], name
+    np.testing.assert_allclose(pred.affine, src.affine, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(pred.get_qform(), src.get_qform(), atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(pred.get_sform(), src.get_sform(), atol=1e-6, err_msg=name)
+    assert int(pred.header["qform_code"]) == int(src.header["qform_code"]), name
+    assert int(pred.header["sform_code"]) == int(src.header["sform_code"]), name
+    assert nib.aff2axcodes(pred.affine) == nib.aff2axcodes(src.affine), name
+    np.testing.assert_allclose(pred.header.get_zooms()[:3], src.header.get_zooms()[:3], rtol=1e-6)
+    assert pred.get_data_dtype() == np.uint8, name
+
+
 def oblique_affine(spacing=(1.0, 1.0, 1.0), degrees: float = 20.0) -> np.ndarray:
     """An affine rotated about two axes, with the given voxel spacing."""
     a, b = np.deg2rad(degrees), np.deg2rad(degrees / 2)

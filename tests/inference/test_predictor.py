@@ -13,7 +13,7 @@ from segshare.data.discovery import Case, discover_images
 from segshare.inference.predictor import select_shard
 from segshare.predict import run
 
-from .conftest import oblique_affine, random_scan, write_scan
+from .conftest import assert_same_geometry, oblique_affine, random_scan, write_scan
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 LPS[:3, 3] = [20.0, -5.0, 3.0]
@@ -49,17 +49,8 @@ def test_outputs_keep_the_input_geometry(run_dir, geometry_inputs, compose_cfg, 
     assert sorted(report.written) == sorted(GEOMETRIES) and not report.failed
     assert json.loads((out / "failures.json").read_text()) == []
     for name in GEOMETRIES:
-        src = nib.load(str(folder / f"{name}.nii.gz"))
         pred = nib.load(str(out / f"{name}.nii.gz"))
-        assert pred.shape == src.shape, name
-        np.testing.assert_allclose(pred.affine, src.affine, atol=1e-6, err_msg=name)
-        np.testing.assert_allclose(pred.get_qform(), src.get_qform(), atol=1e-5, err_msg=name)
-        np.testing.assert_allclose(pred.get_sform(), src.get_sform(), atol=1e-6, err_msg=name)
-        assert int(pred.header["qform_code"]) == int(src.header["qform_code"]), name
-        assert int(pred.header["sform_code"]) == int(src.header["sform_code"]), name
-        assert nib.aff2axcodes(pred.affine) == nib.aff2axcodes(src.affine), name
-        assert pred.get_data_dtype() == np.uint8
-        np.testing.assert_allclose(pred.header.get_zooms(), src.header.get_zooms(), rtol=1e-6)
+        assert_same_geometry(pred, nib.load(str(folder / f"{name}.nii.gz")))
         labels = np.asarray(pred.dataobj)
         assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1}
         agreement = (labels == _expected_labels(data[name])).mean()
@@ -266,10 +257,4 @@ def test_hippocampus_scans_keep_their_geometry(run_dir, compose_cfg, tmp_path):
     report = run(compose_cfg(f"model_path={run_dir}", f"input={scans}", f"output={out}"))
     assert len(report.written) == len(sources) and not report.failed
     for src in sources:
-        ref, pred = nib.load(str(src)), nib.load(str(out / src.name))
-        assert pred.shape == ref.shape
-        np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-6)
-        np.testing.assert_allclose(pred.get_qform(), ref.get_qform(), atol=1e-5)
-        assert int(pred.header["qform_code"]) == int(ref.header["qform_code"])
-        assert int(pred.header["sform_code"]) == int(ref.header["sform_code"])
-        assert pred.get_data_dtype() == np.uint8
+        assert_same_geometry(nib.load(str(out / src.name)), nib.load(str(src)))
