@@ -130,14 +130,9 @@ def make_predict_fn(
     """
     import keras
 
-    def probabilities(x):
-        out = model(x, training=False)
-        if isinstance(out, (list, tuple)):  # deep supervision: full resolution first
-            out = out[0]
-        return keras.ops.softmax(keras.ops.cast(out, "float32"), axis=-1)
-
     flips = mirror_axes_combinations(tuple(mirror_axes)) if tta else [()]
-    if keras.backend.backend() == "tensorflow":
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
         import tensorflow as tf
 
         channels = model.inputs[0].shape[-1] if getattr(model, "inputs", None) else None
@@ -145,49 +140,56 @@ def make_predict_fn(
 
         @tf.function(input_signature=[spec])
         def forward(x):
-            total = None
-            for axes in flips:
-                xi = tf.reverse(x, axes) if axes else x
-                p = probabilities(xi)
-                p = tf.reverse(p, axes) if axes else p
-                total = p if total is None else total + p
-            return total / len(flips) if len(flips) > 1 else total
+            return _mirrored_mean(x, flips, lambda xi: _softmax(model(xi, training=False)))
 
         return lambda batch: forward(batch).numpy()
-    if keras.backend.backend() == "jax":
+    if backend == "jax":
         return _jax_predict_fn(model, flips)
 
     def forward_any(batch: np.ndarray) -> np.ndarray:
-        total = None
-        for axes in flips:
-            xi = np.flip(batch, axes) if axes else batch
-            p = keras.ops.convert_to_numpy(probabilities(keras.ops.convert_to_tensor(xi)))
-            p = np.flip(p, axes) if axes else p
-            total = p if total is None else total + p
-        return (total / len(flips)).astype(np.float32, copy=False)
+        x = keras.ops.convert_to_tensor(batch)
+        p = _mirrored_mean(x, flips, lambda xi: _softmax(model(xi, training=False)))
+        return keras.ops.convert_to_numpy(p).astype(np.float32, copy=False)
 
     return forward_any
+
+
+def _softmax(out: Any) -> Any:
+    """Float32 softmax over classes of a model's logits (the first output under deep supervision,
+    the full-resolution one)."""
+    import keras
+
+    if isinstance(out, (list, tuple)):
+        out = out[0]
+    return keras.ops.softmax(keras.ops.cast(out, "float32"), axis=-1)
+
+
+def _mirrored_mean(x: Any, flips: list[tuple[int, ...]], probabilities: Callable) -> Any:
+    """Mean of ``probabilities`` over the flips of ``x``, each flipped back (``keras.ops``)."""
+    import keras
+
+    total = None
+    for axes in flips:
+        p = probabilities(keras.ops.flip(x, axes) if axes else x)
+        p = keras.ops.flip(p, axes) if axes else p
+        total = p if total is None else total + p
+    return total / len(flips)
 
 
 def _jax_predict_fn(model: Any, flips: list[tuple[int, ...]]) -> Callable[[np.ndarray], np.ndarray]:
     """The JAX version of :func:`make_predict_fn`: one jitted stateless forward + softmax."""
     import jax
-    import jax.numpy as jnp
 
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
 
     @jax.jit
     def forward(trainable, non_trainable, x):
-        total = None
-        for axes in flips:
-            xi = jnp.flip(x, axes) if axes else x
+        def probabilities(xi):
             out, _ = model.stateless_call(trainable, non_trainable, xi, training=False)
-            out = out[0] if isinstance(out, (list, tuple)) else out
-            p = jax.nn.softmax(out.astype(jnp.float32), axis=-1)
-            p = jnp.flip(p, axes) if axes else p
-            total = p if total is None else total + p
-        return total / len(flips)
+            return _softmax(out)
+
+        return _mirrored_mean(x, flips, probabilities)
 
     batch_size: list[int] = []
 
