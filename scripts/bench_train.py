@@ -6,7 +6,9 @@ on in-memory random batches, after warm-up. Runs on whatever Keras backend is ac
     python scripts/bench_train.py                                  # TensorFlow, CPU
     KERAS_BACKEND=jax python scripts/bench_train.py --precision mixed_bfloat16   # e.g. on a GPU
 
-Defaults: patch 64^3, batch 2, widths 16-32-64-128, one residual block per stage, every scheme.
+Defaults: patch 64^3, batch 2, widths 16-32-64-128, one residual block per stage (an entry conv and
+two block convs per encoder stage), two decoder convs per stage, every scheme, and first the plain
+Keras reference network (two conv-norm-act per stage, no custom layers) for comparison.
 """
 
 from __future__ import annotations
@@ -31,13 +33,38 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--blocks", type=int, nargs="+", default=None, help="blocks per stage")
     p.add_argument("--decoder-blocks", type=int, default=2)
-    p.add_argument("--schemes", nargs="+", default=list(SHARING_SCHEMES))
+    p.add_argument(
+        "--schemes",
+        nargs="+",
+        default=["reference", *SHARING_SCHEMES],
+        help="sharing schemes; 'reference' = the plain Keras network of the issue (no sharing)",
+    )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--classes", type=int, default=3)
     p.add_argument("--precision", default="float32")
     p.add_argument("--jit", choices=["on", "off"], default=None, help="default: off for TF on CPU")
     return p.parse_args()
+
+
+def build_reference_unet(features, classes: int) -> keras.Model:
+    """The issue's reference network in plain Keras layers (no sharing, no custom layers): two
+    3x3x3 conv-instance norm-LeakyReLU per stage, strided-conv down, transposed-conv up."""
+    from keras import layers
+
+    def unit(x, width, stride=1):
+        x = layers.Conv3D(width, 3, strides=stride, padding="same")(x)
+        return layers.LeakyReLU(0.01)(layers.GroupNormalization(groups=-1)(x))
+
+    inputs = keras.Input((None, None, None, 1))
+    x, skips = inputs, []
+    for i, width in enumerate(features):
+        x = unit(unit(x, width, 1 if i == 0 else 2), width)
+        skips.append(x)
+    for i in range(len(features) - 2, -1, -1):
+        x = layers.Conv3DTranspose(features[i], 2, strides=2)(x)
+        x = unit(unit(layers.Concatenate()([x, skips[i]]), features[i]), features[i])
+    return keras.Model(inputs, layers.Conv3D(classes, 1)(x), name="plain_keras_reference")
 
 
 def _tf_step(model, optimizer, loss_fn, jit: bool):
@@ -63,14 +90,17 @@ def _generic_step(model, optimizer, loss_fn, jit: bool):
 def bench(args: argparse.Namespace, scheme: str, jit: bool) -> dict:
     keras.utils.set_random_seed(0)
     blocks = args.blocks or [1] * len(args.features)
-    model = build_unet(
-        in_channels=1,
-        num_classes=args.classes,
-        features=args.features,
-        blocks_per_stage=blocks,
-        decoder_blocks=args.decoder_blocks,
-        sharing=scheme,
-    )
+    if scheme == "reference":
+        model = build_reference_unet(args.features, args.classes)
+    else:
+        model = build_unet(
+            in_channels=1,
+            num_classes=args.classes,
+            features=args.features,
+            blocks_per_stage=blocks,
+            decoder_blocks=args.decoder_blocks,
+            sharing=scheme,
+        )
     optimizer = keras.optimizers.SGD(0.01, momentum=0.99, nesterov=True)
     if args.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
