@@ -111,7 +111,7 @@ def read_label_voxels(img: nib.Nifti1Image, path: str | os.PathLike) -> np.ndarr
 
 
 @contextmanager
-def _atomic_target(path: Path, suffix: str) -> Iterator[Path]:
+def atomic_target(path: Path, suffix: str) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it onto ``path`` on success, delete on error."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
@@ -125,9 +125,6 @@ def _atomic_target(path: Path, suffix: str) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-atomic_target = _atomic_target  # public name (segshare.inference uses it)
-
-
 def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
     """Write a NIfTI image atomically (temporary file in the same folder, then ``os.replace``).
 
@@ -137,7 +134,7 @@ def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
     if not is_nifti_path(path):
         raise ValueError(f"{path}: a NIfTI output must end in .nii or .nii.gz")
     suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
-    with _atomic_target(path, suffix) as tmp:
+    with atomic_target(path, suffix) as tmp:
         nib.save(img, str(tmp))
     return path
 
@@ -145,7 +142,7 @@ def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
 def save_npy_atomic(array: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a ``.npy`` file atomically (memory-mappable with ``np.load(mmap_mode="r")``)."""
     path = Path(path)
-    with _atomic_target(path, ".npy") as tmp:
+    with atomic_target(path, ".npy") as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, np.ascontiguousarray(array))
     return path
@@ -154,7 +151,7 @@ def save_npy_atomic(array: np.ndarray, path: str | os.PathLike) -> Path:
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """Write JSON atomically (indented, keys in insertion order)."""
     path = Path(path)
-    with _atomic_target(path, ".json") as tmp:
+    with atomic_target(path, ".json") as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
     return path
 

@@ -57,7 +57,7 @@ class CaseCheck:
     stats: dict[str, Any] | None = None
 
 
-def _open_headers(case: Case, max_voxels: int, out: list[Problem]) -> list:
+def open_headers(case: Case, max_voxels: int, out: list[Problem]) -> list:
     """Open every file's header; check dimensionality and voxel limit. Returns (path, img) pairs."""
     opened = []
     files = [(p, "image") for p in case.images] + ([(case.label, "label")] if case.label else [])
@@ -87,7 +87,7 @@ def _open_headers(case: Case, max_voxels: int, out: list[Problem]) -> list:
     return opened
 
 
-def _check_geometry(opened: list, affine_tol: float, out: list[Problem]) -> None:
+def check_geometry(opened: list, affine_tol: float, out: list[Problem]) -> None:
     """Channels and label must share the first image's spatial shape and affine."""
     ref_path, _, ref = opened[0]
     for path, kind, img in opened[1:]:
@@ -142,10 +142,10 @@ def check_case(
 ) -> CaseCheck:
     """Check one case fully; compute its fingerprint statistics when it has no problem."""
     out: list[Problem] = []
-    opened = _open_headers(case, max_voxels, out)
+    opened = open_headers(case, max_voxels, out)
     if out or not opened:
         return CaseCheck(case.case_id, out)
-    _check_geometry(opened, affine_tol, out)
+    check_geometry(opened, affine_tol, out)
     if out:
         return CaseCheck(case.case_id, out)
     chans, label = [], None

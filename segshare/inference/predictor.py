@@ -28,9 +28,9 @@ import nibabel as nib
 import numpy as np
 
 from segshare.data.discovery import Case
-from segshare.data.io import _atomic_target, save_nifti_atomic, write_json_atomic
+from segshare.data.io import atomic_target, save_nifti_atomic, write_json_atomic
 from segshare.data.preprocessing import Plan, preprocess_case, restore_to_original
-from segshare.data.validation import DEFAULT_MAX_VOXELS, _check_geometry, _open_headers
+from segshare.data.validation import DEFAULT_MAX_VOXELS, check_geometry, open_headers
 from segshare.inference.sliding_window import sliding_window_inference
 
 FAILURES_FILE = "failures.json"
@@ -172,9 +172,9 @@ class Predictor:
                 too large, mismatched (channel shapes or affines differ) or not finite.
         """
         problems: list = []
-        opened = _open_headers(case, self.max_voxels, problems)  # headers only
+        opened = open_headers(case, self.max_voxels, problems)  # headers only
         if not problems:
-            _check_geometry(opened, 1e-3, problems)
+            check_geometry(opened, 1e-3, problems)
         if problems:
             raise ValueError("; ".join(str(p) for p in problems))
         source = opened[0][2]
@@ -222,7 +222,7 @@ class Predictor:
         if save_probabilities:
             probs = restore_to_original(probs, props, is_label=False)
             # before the NIfTI: an existing NIfTI means a complete case
-            with _atomic_target(npz_path, ".npz") as tmp:
+            with atomic_target(npz_path, ".npz") as tmp:
                 np.savez_compressed(tmp, probabilities=probs)
             labels = argmax_labels(probs)
         elif list(props["resampled_shape"]) != list(props["cropped_shape"]):
