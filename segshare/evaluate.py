@@ -7,14 +7,13 @@ that the training and prediction apps call; ``run(cfg)`` is its Hydra wrapper.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from segshare.cli import exit_on_user_error
 from segshare.evaluation.runner import (
     absent_label_metrics,
     default_num_workers,
@@ -189,11 +188,8 @@ def _print_summary(summary: dict, output: str) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://segshare.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Console entry point ``segshare-evaluate pred=DIR ref=DIR output=DIR``."""
-    try:
+    with exit_on_user_error("segshare-evaluate"):
         summary = run(cfg)
-    except (ValueError, TypeError, FileNotFoundError, OmegaConfBaseException) as err:
-        print(f"segshare-evaluate: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     _print_summary(summary, str(cfg.output))
 
 

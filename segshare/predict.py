@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from segshare.cli import exit_on_user_error
 from segshare.inference.predictor import PredictReport
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -146,11 +147,8 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    try:
+    with exit_on_user_error("segshare-predict"):
         report = run(cfg)
-    except (ValueError, TypeError, FileNotFoundError, OmegaConfBaseException) as err:
-        print(f"segshare-predict: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(format_report(report, str(cfg.output)), file=sys.stderr if report.failed else sys.stdout)
     # In a multirun the other shards go on; FailuresCallback sets the exit status at the end.
     if report.failed and HydraConfig.get().mode != RunMode.MULTIRUN:

@@ -6,11 +6,10 @@ problem with its file, when the dataset does not validate.
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
+from segshare.cli import exit_on_user_error
 from segshare.data.prepare import PreparedData, prepare_dataset
 from segshare.data.validation import DatasetError
 
@@ -37,14 +36,8 @@ def run(cfg: DictConfig) -> PreparedData:
 @hydra.main(version_base="1.3", config_path="pkg://segshare.conf", config_name="preprocess")
 def main(cfg: DictConfig) -> None:
     """Console entry point (thin layer over :func:`run`)."""
-    try:
+    with exit_on_user_error("segshare-preprocess", [(DatasetError, 2), ((ValueError, OSError), 1)]):
         run(cfg)
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -217,17 +216,14 @@ def evaluate_validation(run_dir: Path, prepared, val_ids, patch, cfg: DictConfig
 
 @hydra.main(version_base="1.3", config_path="pkg://segshare.conf", config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
+    from segshare.cli import exit_on_user_error
     from segshare.data.validation import DatasetError
     from segshare.training.loop import TrainingDiverged
 
-    try:
+    with exit_on_user_error(
+        "segshare-train", [(DatasetError, 2), ((TrainingDiverged, ValueError), 1)]
+    ):
         train(cfg)
-    except DatasetError as err:
-        print(str(err), file=sys.stderr)
-        sys.exit(2)
-    except (TrainingDiverged, ValueError) as err:
-        print(f"segshare-train: {err}", file=sys.stderr)
-        sys.exit(1)
 
 
 def main() -> None:
