@@ -10,7 +10,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from segshare.evaluation.overlap import OVERLAP_METRICS, as_label_array, dice, iou, overlap_metrics
+from segshare.evaluation.overlap import (
+    OVERLAP_METRICS,
+    as_label_array,
+    count_metrics,
+    overlap_metrics,
+)
 from segshare.evaluation.surface import SURFACE_METRICS, check_spacing, surface_metrics
 
 #: Every per-label metric, in report order.
@@ -102,13 +107,7 @@ def global_overlap(
     out = {}
     for label in labels:
         tp, fp, fn = (sum(int(case[label][k]) for case in per_case) for k in ("TP", "FP", "FN"))
-        out[int(label)] = {
-            "Dice": dice(tp, fp, fn),
-            "IoU": iou(tp, fp, fn),
-            "TP": tp,
-            "FP": fp,
-            "FN": fn,
-        }
+        out[int(label)] = count_metrics(tp, fp, fn)
     return out
 
 

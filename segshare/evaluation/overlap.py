@@ -75,6 +75,11 @@ def iou(tp: float, fp: float, fn: float) -> float:
     return float("nan") if denom == 0 else float(tp) / denom
 
 
+def count_metrics(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Dice, IoU and the counts they come from, for one label."""
+    return {"Dice": dice(tp, fp, fn), "IoU": iou(tp, fp, fn), "TP": tp, "FP": fp, "FN": fn}
+
+
 def volume_difference(n_pred: int, n_ref: int, voxel_volume_mm3: float) -> tuple[float, float]:
     """Volume difference ``pred - ref`` in ml and in percent of the reference volume.
 
@@ -119,11 +124,7 @@ def overlap_metrics(
         fn, fp = n_ref - tp, n_pred - tp
         vol_ml, vol_pct = volume_difference(n_pred, n_ref, voxel_volume_mm3)
         out[int(label)] = {
-            "Dice": dice(tp, fp, fn),
-            "IoU": iou(tp, fp, fn),
-            "TP": tp,
-            "FP": fp,
-            "FN": fn,
+            **count_metrics(tp, fp, fn),
             "TN": total - tp - fp - fn,
             "n_ref": n_ref,
             "n_pred": n_pred,

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from segshare.evaluation.overlap import overlap_metrics
 from segshare.inference.model_io import make_predict_fn
 from segshare.inference.sliding_window import sliding_window_inference
 from segshare.training.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
@@ -53,15 +54,10 @@ class LoopSettings:
 
 
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
-    """Dice of classes ``1..K-1`` from one confusion count; NaN where both are empty."""
-    counts = np.bincount(
-        ref.astype(np.int64).ravel() * num_classes + pred.astype(np.int64).ravel(),
-        minlength=num_classes * num_classes,
-    ).reshape(num_classes, num_classes)
-    tp = np.diag(counts)[1:].astype(np.float64)
-    denom = counts.sum(0)[1:] + counts.sum(1)[1:]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, 2 * tp / denom, np.nan)
+    """Dice of classes ``1..K-1`` (one confusion-matrix pass); NaN where both are empty."""
+    labels = range(1, num_classes)
+    metrics = overlap_metrics(pred, ref, labels)
+    return np.array([metrics[k]["Dice"] for k in labels], dtype=np.float64)
 
 
 def _nanmean(values: np.ndarray) -> np.ndarray | float:
