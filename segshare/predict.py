@@ -92,7 +92,7 @@ def run(cfg: DictConfig) -> PredictReport:
     files = resolve_run(cfg.model_path)
     plan = Plan.load(files.plan)
     roi = _roi_size(cfg, files.config)
-    cases = select_shard(discover_images(cfg.input), index, count)
+    cases = select_shard(discover_images(cfg.input, plan.in_channels), index, count)
     output = Path(cfg.output).resolve()
     if any(p.resolve().parent == output for c in cases for p in c.images):
         raise ValueError(

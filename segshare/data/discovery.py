@@ -66,29 +66,49 @@ def _nifti_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_path(p.name))
 
 
-def _group_channels(files: list[Path]) -> list[Case]:
-    """Group ``{case}_{XXXX}`` files into one Case per case (channels sorted), else one per file."""
+def _group_channels(
+    files: list[Path], in_channels: int | None = None, case_ids: set[str] | frozenset = frozenset()
+) -> list[Case]:
+    """Group nnU-Net ``{case}_{XXXX}`` channel files into one Case per case, else one per file.
+
+    A model known to take several channels (``in_channels > 1``) reads ``_XXXX`` names as channel
+    files (a case missing one is then reported as that case's error). Otherwise names count as
+    channels only when they say so unambiguously: every case has the same gapless run
+    ``0000, 0001, ...`` (``in_channels`` long when known), and no stem is itself a known case id
+    (``case_ids``, e.g. the label files' names). Else every file is its own case, so numbered
+    scans such as ``patient_2019`` or ``scan_0001`` are not taken for channels.
+    """
     stems = [strip_nifti_suffix(p.name) for p in files]
     matches = [_CHANNEL_RE.match(s) for s in stems]
-    if files and all(matches):
+    if files and all(matches) and not case_ids.intersection(stems):
         groups: dict[str, list[tuple[int, Path]]] = {}
         for m, p in zip(matches, files, strict=True):
             groups.setdefault(m["case"], []).append((int(m["channel"]), p))
-        return [
-            Case(cid, tuple(p for _, p in sorted(chans))) for cid, chans in sorted(groups.items())
-        ]
+        counts = {len(chans) for chans in groups.values()}
+        unambiguous = (
+            len(counts) == 1
+            and in_channels in (None, *counts)
+            and all(sorted(c for c, _ in ch) == list(range(len(ch))) for ch in groups.values())
+        )
+        if unambiguous or (in_channels or 0) > 1:
+            return [
+                Case(cid, tuple(p for _, p in sorted(chans)))
+                for cid, chans in sorted(groups.items())
+            ]
     return sorted(
         (Case(s, (p,)) for s, p in zip(stems, files, strict=True)), key=lambda c: c.case_id
     )
 
 
-def discover_images(path: str | os.PathLike) -> list[Case]:
+def discover_images(path: str | os.PathLike, in_channels: int | None = None) -> list[Case]:
     """List the scans to predict on.
 
     Args:
         path: a NIfTI file, a folder of NIfTI files, or a dataset folder with ``imagesTs/`` or
             ``imagesTr/`` (``imagesTs`` preferred). nnU-Net ``{case}_{XXXX}`` channel files are
-            grouped into one Case.
+            grouped into one Case (see :func:`_group_channels` for when names count as channels).
+        in_channels: the channels the model takes, when known: names are read as channel files
+            only if every case then has exactly this many.
 
     Returns:
         Cases without labels, sorted by ``case_id``.
@@ -110,7 +130,7 @@ def discover_images(path: str | os.PathLike) -> list[Case]:
     files = _nifti_files(path)
     if not files:
         raise ValueError(f"{path}: no .nii or .nii.gz files found")
-    return _group_channels(files)
+    return _group_channels(files, in_channels)
 
 
 def _labels_from_json(meta: dict, problems: list[tuple[str, str]], where: str) -> dict[str, int]:
@@ -164,12 +184,14 @@ def _msd_cases(root: Path, meta: dict, problems: list[tuple[str, str]]) -> list[
     return cases
 
 
-def _paired_cases(root: Path, img_dir: Path, lbl_dir: Path, problems: list) -> list[Case]:
+def _paired_cases(
+    root: Path, img_dir: Path, lbl_dir: Path, problems: list, in_channels: int | None
+) -> list[Case]:
     """nnU-Net raw / plain pair: images grouped by channel suffix, labels matched by case id."""
-    cases = _group_channels(_nifti_files(img_dir))
     label_files = (
         {strip_nifti_suffix(p.name): p for p in _nifti_files(lbl_dir)} if lbl_dir.is_dir() else {}
     )
+    cases = _group_channels(_nifti_files(img_dir), in_channels, set(label_files))
     out = []
     for case in cases:
         label = label_files.pop(case.case_id, None)
@@ -210,7 +232,9 @@ def discover_dataset(root: str | os.PathLike) -> Dataset:
             problems.append((str(json_path), str(err).removeprefix(f"{json_path}: ")))
             meta = {}
     labels = _labels_from_json(meta, problems, str(json_path))
-    channels = meta.get("channel_names") or meta.get("modality") or {"0": "image"}
+    channels = meta.get("channel_names") or meta.get("modality")
+    in_channels = len(channels) if isinstance(channels, dict) and channels else None
+    channels = channels or {"0": "image"}
     channel_names = {str(k): str(v) for k, v in channels.items()}
     file_ending = meta.get("file_ending", ".nii.gz")
     if isinstance(meta.get("training"), list):
@@ -222,7 +246,7 @@ def discover_dataset(root: str | os.PathLike) -> Dataset:
                 f"{root}: no dataset found (expected dataset.json with a 'training' list, "
                 "or imagesTr/ + labelsTr/ folders)"
             )
-        cases = _paired_cases(root, *pair, problems)
+        cases = _paired_cases(root, *pair, problems, in_channels)
     cases.sort(key=lambda c: c.case_id)
     seen: set[str] = set()
     for c in cases:

@@ -63,6 +63,33 @@ def test_discover_images_file_folder_and_dataset(tmp_path):
         discover_images(tmp_path / "nope")
 
 
+@pytest.mark.parametrize(
+    ("names", "in_channels", "expected"),
+    [
+        (["patient_2019", "patient_2020"], None, ["patient_2019", "patient_2020"]),  # years
+        (["scan_0001", "scan_0002"], None, ["scan_0001", "scan_0002"]),  # no channel 0000
+        (["a_0000", "a_0001", "b_0000"], None, ["a_0000", "a_0001", "b_0000"]),  # b lacks 0001
+        (["img_0000", "img_0001"], 1, ["img_0000", "img_0001"]),  # the model takes 1 channel
+        (["img_0000", "img_0001"], 2, ["img"]),
+        (["a_0000", "b_0000"], 1, ["a", "b"]),  # nnU-Net single-channel names
+        (["a_0000", "a_0001", "b_0000"], 2, ["a", "b"]),  # b's missing channel: b's own error
+    ],
+)
+def test_numbered_scans_are_not_taken_for_channels(tmp_path, names, in_channels, expected):
+    for name in names:
+        write_nifti(tmp_path / f"{name}.nii.gz", np.zeros((2, 2, 2), np.float32))
+    assert [c.case_id for c in discover_images(tmp_path, in_channels)] == expected
+
+
+def test_paired_numbered_names_match_their_labels(tmp_path):
+    for cid in ("patient_0000", "patient_0001"):
+        write_nifti(tmp_path / "imagesTr" / f"{cid}.nii.gz", np.zeros((2, 2, 2), np.float32))
+        write_nifti(tmp_path / "labelsTr" / f"{cid}.nii.gz", np.zeros((2, 2, 2), np.uint8))
+    ds = discover_dataset(tmp_path)
+    assert ds.case_ids == ["patient_0000", "patient_0001"]
+    assert all(c.label is not None for c in ds.cases) and ds.problems == []
+
+
 def test_load_nifti_errors_name_file(tmp_path):
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"not gzip at all")

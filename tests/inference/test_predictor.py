@@ -236,9 +236,12 @@ def test_discovered_multichannel_case_is_predicted(tmp_path, compose_cfg):
     for c in range(2):
         write_scan(folder / f"pat_{c:04d}.nii.gz", data, np.eye(4))
     assert [c.case_id for c in discover_images(tmp_path)] == ["pat"]
+    write_scan(folder / "lone_0000.nii.gz", data, np.eye(4))  # its channel 0001 is missing
     out = tmp_path / "pred"
     report = run(compose_cfg(f"model_path={run2}", f"input={tmp_path}", f"output={out}"))
     assert report.written == ["pat"]
+    assert [f["case_id"] for f in report.failed] == ["lone"]
+    assert "1 channels, plan expects 2" in report.failed[0]["reason"]
     assert nib.load(str(out / "pat.nii.gz")).shape == data.shape
 
 
