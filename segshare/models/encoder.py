@@ -5,12 +5,19 @@ in ``__init__``. Its config holds only hyperparameters, so ``from_config`` (whic
 load) rebuilds exactly the same wiring: a ``.keras`` round trip keeps every tie.
 
 Stage ``s`` (width ``features[s]``) is an *entry* conv (stage 0: from the input channels, stride 1;
-later stages: from ``features[s-1]``, stride 2) followed by ``blocks_per_stage[s]`` residual basic
-blocks (``x + norm(conv(act(norm(conv(x)))))``, then act; as nnU-Net's ResEnc and ShaResNet), whose
-convs are all ``features[s] -> features[s]``. Sharing schemes pick the bank of each conv:
+later stages: from ``features[s-1]``, stride 2) followed by ``blocks_per_stage[s]`` blocks whose
+convs are all ``features[s] -> features[s]``. A block is either
+
+- ``residual`` (default): a basic block ``act(x + norm(conv(act(norm(conv(x))))))``, two convs,
+  as in nnU-Net's ResEnc U-Net and ShaResNet; or
+- ``plain``: one conv-norm-act unit, as in nnU-Net's default PlainConvUNet (one plain block per
+  stage gives its two convs per stage).
+
+Sharing schemes pick the bank of each conv:
 
 - ``none``: every conv owns a bank (baseline).
-- ``stage``: the block convs of a stage share one kernel; entry convs own theirs.
+- ``stage``: the block convs of a stage share one kernel; entry convs own theirs (so a stage
+  needs two block convs or more to save anything).
 - ``global``: one bank at the widest width; every conv but the stem uses its
   ``[:c_in, :c_out]`` slice.
 - ``template``: the block convs of a stage mix ``num_templates`` templates owned by the stage,
@@ -27,6 +34,7 @@ from segshare.models.layers import PACKAGE, KernelBank, SharedConv, TemplateBank
 
 SHARING_SCHEMES = ("none", "stage", "global", "template")
 NORMS = ("instance", "batch")
+BLOCKS = ("residual", "plain")
 
 
 def make_norm(kind: str, name: str) -> keras.layers.Layer:
@@ -50,11 +58,17 @@ def make_activation(kind: str, negative_slope: float, name: str) -> keras.layers
 
 
 def validate_encoder_args(
-    features: Sequence[int], blocks_per_stage: Sequence[int], sharing: str, num_templates: int
+    features: Sequence[int],
+    blocks_per_stage: Sequence[int],
+    sharing: str,
+    num_templates: int,
+    block: str = "residual",
 ) -> None:
     """Raise ``ValueError`` quoting the bad value for inconsistent encoder settings."""
     if sharing not in SHARING_SCHEMES:
         raise ValueError(f"sharing must be one of {SHARING_SCHEMES}, got {sharing!r}.")
+    if block not in BLOCKS:
+        raise ValueError(f"block must be one of {BLOCKS}, got {block!r}.")
     if len(features) < 1 or any(int(f) < 1 for f in features):
         raise ValueError(f"features must be a non-empty list of widths >= 1, got {features!r}.")
     if len(features) != len(blocks_per_stage):
@@ -119,7 +133,8 @@ class SharedEncoder(keras.layers.Layer):
         spatial_dims: 2 or 3.
         in_channels: Input channels.
         features: Width of each stage.
-        blocks_per_stage: Residual blocks (two convs each) after each stage's entry conv.
+        blocks_per_stage: Blocks after each stage's entry conv.
+        block: ``"residual"`` (two convs with a skip) or ``"plain"`` (one conv-norm-act).
         sharing: ``"none" | "stage" | "global" | "template"``.
         num_templates: Templates per stage for ``template``.
         kernel_size: Conv kernel size.
@@ -135,6 +150,7 @@ class SharedEncoder(keras.layers.Layer):
         in_channels: int = 1,
         features: Sequence[int] = (16, 32, 64, 128, 256),
         blocks_per_stage: Sequence[int] = (1, 2, 2, 2, 2),
+        block: str = "residual",
         sharing: str = "none",
         num_templates: int = 2,
         kernel_size: int = 3,
@@ -145,11 +161,12 @@ class SharedEncoder(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        validate_encoder_args(features, blocks_per_stage, sharing, num_templates)
+        validate_encoder_args(features, blocks_per_stage, sharing, num_templates, block)
         self.spatial_dims = int(spatial_dims)
         self.in_channels = int(in_channels)
         self.features = tuple(int(f) for f in features)
         self.blocks_per_stage = tuple(int(b) for b in blocks_per_stage)
+        self.block = block
         self.sharing = sharing
         self.num_templates = int(num_templates)
         self.kernel_size = int(kernel_size)
@@ -180,6 +197,14 @@ class SharedEncoder(keras.layers.Layer):
         activation = self._act(f"{name}_act") if act else None
         return ConvUnit(conv, self.norm_kind, activation, name=f"{name}_unit")
 
+    def _block_unit(
+        self, prefix: str, j: int, width: int, bank: KernelBank | None, act: bool = True
+    ) -> ConvUnit:
+        """Block conv ``j`` of a stage, from the stage's shared bank or (``None``) its own."""
+        if bank is None:
+            bank = self._bank(f"{prefix}_conv{j}_kernel", width, width)
+        return self._unit(f"{prefix}_conv{j}", bank, width, width, 1, act)
+
     def _wire(self) -> None:
         widest = max(self.features)
         global_bank = None
@@ -198,17 +223,15 @@ class SharedEncoder(keras.layers.Layer):
                     f"{prefix}_bank", width, width, templates=self.sharing == "template"
                 )
             for b in range(1, self.blocks_per_stage[s] + 1):
-                pair = []
-                for j in (2 * b, 2 * b + 1):
-                    bank = stage_bank
-                    if bank is None:
-                        bank = self._bank(f"{prefix}_conv{j}_kernel", width, width)
-                    pair.append(self._unit(f"{prefix}_conv{j}", bank, width, width, 1, j % 2 == 0))
-                units.append(
-                    ResidualBlock(
-                        *pair, self._act(f"{prefix}_block{b}_act"), name=f"{prefix}_block{b}"
-                    )
+                if self.block == "plain":
+                    units.append(self._block_unit(prefix, b + 1, width, stage_bank))
+                    continue
+                pair = (
+                    self._block_unit(prefix, 2 * b, width, stage_bank),
+                    self._block_unit(prefix, 2 * b + 1, width, stage_bank, act=False),
                 )
+                act = self._act(f"{prefix}_block{b}_act")
+                units.append(ResidualBlock(*pair, act, name=f"{prefix}_block{b}"))
             self.stages.append(units)
 
     def build(self, input_shape):
@@ -244,6 +267,7 @@ class SharedEncoder(keras.layers.Layer):
             in_channels=self.in_channels,
             features=list(self.features),
             blocks_per_stage=list(self.blocks_per_stage),
+            block=self.block,
             sharing=self.sharing,
             num_templates=self.num_templates,
             kernel_size=self.kernel_size,

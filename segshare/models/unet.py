@@ -36,6 +36,7 @@ def build_unet(
     num_classes: int = 2,
     features: Sequence[int] = DEFAULT_FEATURES,
     blocks_per_stage: Sequence[int] | None = None,
+    block: str = "residual",
     sharing: str = "none",
     num_templates: int = 2,
     norm: str = "instance",
@@ -54,8 +55,11 @@ def build_unet(
         in_channels: Input channels ``C``.
         num_classes: Output classes ``K`` (background included).
         features: Width of each encoder stage, e.g. ``(16, 32, 64, 128, 256)``.
-        blocks_per_stage: Block convs after each stage's entry conv; default ``1`` for the first
+        blocks_per_stage: Blocks after each stage's entry conv; default ``1`` for the first
             stage and ``2`` for the others, i.e. ``(1, 2, 2, 2, 2)`` for five stages.
+        block: ``"residual"`` (two convs with a skip, as nnU-Net's ResEnc) or ``"plain"`` (one
+            conv-norm-act unit; ``blocks_per_stage`` of 1 gives nnU-Net's PlainConvUNet, two
+            convs per stage).
         sharing: ``"none" | "stage" | "global" | "template"`` (see ``segshare.models.encoder``).
         num_templates: Templates per stage for ``template`` sharing.
         norm: ``"instance" | "batch"``.
@@ -89,6 +93,7 @@ def build_unet(
         in_channels=in_channels,
         features=features,
         blocks_per_stage=blocks_per_stage,
+        block=block,
         sharing=sharing,
         num_templates=num_templates,
         norm=norm,

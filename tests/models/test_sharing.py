@@ -18,9 +18,9 @@ def _conv_pairs(model_a, model_b):
     return list(zip(*convs, strict=True))
 
 
-def _make_twin(shared):
+def _make_twin(shared, block="residual"):
     """An unshared model whose every conv starts with the kernel its shared counterpart uses."""
-    twin = build_unet(**ARGS, sharing="none")
+    twin = build_unet(**ARGS, block=block, sharing="none")
     for conv_s, conv_t in _conv_pairs(shared, twin):
         conv_t.bank.kernel.assign(conv_s.kernel())
         conv_t.bias.assign(conv_s.bias)
@@ -42,11 +42,12 @@ def _sgd_step(model, x, y, lr=0.1):
     model.train_on_batch(x, y)
 
 
+@pytest.mark.parametrize("block", ["residual", "plain"])
 @pytest.mark.parametrize("scheme", ["stage", "global", "template"])
-def test_shared_update_is_sum_of_separate_updates(scheme):
+def test_shared_update_is_sum_of_separate_updates(scheme, block):
     keras.utils.set_random_seed(3)
-    shared = build_unet(**ARGS, sharing=scheme, num_templates=2)
-    twin = _make_twin(shared)
+    shared = build_unet(**ARGS, block=block, sharing=scheme, num_templates=2)
+    twin = _make_twin(shared, block)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 8, 8, 8, 1)).astype("float32")
     y = rng.integers(0, 2, size=(2, 8, 8, 8)).astype("int32")
@@ -78,9 +79,10 @@ def test_shared_update_is_sum_of_separate_updates(scheme):
     assert max_users >= 2  # some bank really is used more than once
 
 
+@pytest.mark.parametrize("block", ["residual", "plain"])
 @pytest.mark.parametrize("scheme", ["none", "stage", "global", "template"])
-def test_keras_round_trip_keeps_outputs_counts_and_ties(tmp_path, scheme):
-    model = build_unet(**ARGS, sharing=scheme)
+def test_keras_round_trip_keeps_outputs_counts_and_ties(tmp_path, scheme, block):
+    model = build_unet(**ARGS, block=block, sharing=scheme)
     x = np.random.default_rng(1).normal(size=(1, 8, 8, 8, 1)).astype("float32")
     path = tmp_path / "model.keras"
     model.save(path)

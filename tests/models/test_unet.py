@@ -11,8 +11,9 @@ from segshare.models.unet import check_patch_size
 K = 3  # kernel size
 
 
-def _closed_form(scheme, c_in, f, blocks, classes, dec_blocks, templates, dims=3):
-    """Unique trainable parameters of build_unet, written out (bias on, instance norm)."""
+def _closed_form(scheme, c_in, f, blocks, classes, dec_blocks, templates, dims=3, per_block=2):
+    """Unique trainable parameters of build_unet, written out (bias on, instance norm);
+    ``per_block`` convs per block (2 residual, 1 plain)."""
     k = K**dims
     norm = lambda c: 2 * c  # noqa: E731  gamma + beta
     conv = lambda a, b: k * a * b  # noqa: E731  kernel only
@@ -21,7 +22,7 @@ def _closed_form(scheme, c_in, f, blocks, classes, dec_blocks, templates, dims=3
     # Encoder: per-conv bias and norm always; kernels by scheme.
     stem = conv(c_in, f[0])
     entries = [conv(f[s - 1], f[s]) for s in range(1, n)]
-    block_convs = [2 * blocks[s] for s in range(n)]
+    block_convs = [per_block * blocks[s] for s in range(n)]
     total += sum(f[s] + norm(f[s]) for s in range(n))  # entry convs' bias + norm
     total += sum(block_convs[s] * (f[s] + norm(f[s])) for s in range(n))
     if scheme == "none":
@@ -44,19 +45,22 @@ def _closed_form(scheme, c_in, f, blocks, classes, dec_blocks, templates, dims=3
     return total
 
 
+@pytest.mark.parametrize("block", ["residual", "plain"])
 @pytest.mark.parametrize("scheme", SHARING_SCHEMES)
-def test_unique_params_match_closed_form_and_weights_are_listed_once(scheme):
+def test_unique_params_match_closed_form_and_weights_are_listed_once(scheme, block):
     f, blocks = (4, 8, 16), (1, 2, 2)
     model = build_unet(
         in_channels=2,
         num_classes=3,
         features=f,
         blocks_per_stage=blocks,
+        block=block,
         sharing=scheme,
         num_templates=2,
         decoder_blocks=2,
     )
-    expected = _closed_form(scheme, 2, f, blocks, 3, 2, 2)
+    per_block = 2 if block == "residual" else 1
+    expected = _closed_form(scheme, 2, f, blocks, 3, 2, 2, per_block=per_block)
     assert model.count_params() == expected
     assert count_unique_params(model) == expected
     ids = [id(v) for v in model.weights]
@@ -104,6 +108,7 @@ def test_forward_shapes_names_and_deep_supervision(dims):
     ("kwargs", "message"),
     [
         ({"sharing": "tied"}, "sharing must be one of .* got 'tied'"),
+        ({"block": "dense"}, "block must be one of .* got 'dense'"),
         ({"sharing": "template", "num_templates": 0}, "num_templates must be >= 1, got 0"),
         ({"features": (8, 16, 32), "blocks_per_stage": (1, 2)}, "same length, got 3 .* and 2"),
         (
@@ -125,7 +130,7 @@ def test_check_patch_size_accepts_divisible_sizes():
         check_patch_size((48, 64), 5, 3)
 
 
-@pytest.mark.parametrize("model_name", ["unet", "unet_small"])
+@pytest.mark.parametrize("model_name", ["unet", "unet_small", "unet_plain"])
 @pytest.mark.parametrize("scheme", SHARING_SCHEMES)
 def test_hydra_model_and_sharing_configs_build(model_name, scheme):
     with initialize_config_module(version_base="1.3", config_module="segshare.conf"):
