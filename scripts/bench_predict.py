@@ -3,11 +3,13 @@
 Scenarios (each runs in its own process, so peak RSS is that scenario's own):
 
 * ``cube``: a 160^3 one-channel volume, roi 64^3, overlap 0.5, Gaussian blending,
-  sw_batch_size 2, U-Net of widths 16-32-64-128 (``build_unet(features=(16, 32, 64, 128),
-  sharing="none", blocks_per_stage=(1, 1, 1, 1))``, untrained: speed does not depend on the
-  weights). Timed twice: a straightforward Keras loop (``model.predict`` per batch of windows,
-  accumulate, no threads) and ``segshare.inference`` (tf.function forward + softmax, windows
-  gathered and accumulated while the next batch runs). Both are checked to give the same labels.
+  sw_batch_size 2, the issue's U-Net: widths 16-32-64-128, two conv-instance norm-LeakyReLU
+  per stage (``build_unet(features=(16, 32, 64, 128), block="plain", blocks_per_stage=(1, 1, 1, 1),
+  sharing="none")``, untrained: speed does not depend on the weights; ``--block residual`` for
+  the residual encoder, 25 % more convolution work). Timed twice: a straightforward Keras loop
+  (``model.predict`` per batch of windows, accumulate, no threads) and ``segshare.inference``
+  (tf.function forward + softmax, windows gathered and accumulated while the next batch runs).
+  Both are checked to give the same labels.
   ``model_only`` times the network alone on 32 batches of 2 windows: the floor of any loop.
 * ``hippo``: whole-case prediction of real hippocampus scans (read + preprocess + sliding window
   with roi 48x64x48 + restore + atomic NIfTI write) with the same network; seconds per case.
@@ -47,13 +49,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+BLOCK = "plain"  # set by --block
+
+
 def benchmark_network(num_classes: int = 3):
-    """The 16-32-64-128 U-Net of the benchmark (segshare.models)."""
+    """The 16-32-64-128 U-Net of the benchmark (segshare.models), two convs per stage."""
     from segshare.models import build_unet
 
     return build_unet(
         features=(16, 32, 64, 128),
         sharing="none",
+        block=BLOCK,
         blocks_per_stage=(1, 1, 1, 1),
         num_classes=num_classes,
     )
@@ -112,7 +118,7 @@ def run_cube(repeats: int) -> dict:
         times["segshare"].append(time.perf_counter() - t)
     same = float((ref.argmax(-1) == ours.argmax(-1)).mean())
     return {
-        "scenario": "cube 160^3, roi 64^3, overlap 0.5, sw_batch_size 2, 64 windows",
+        "scenario": f"cube 160^3, roi 64^3, overlap 0.5, sw_batch_size 2, 64 windows, {BLOCK}",
         "keras_loop_s": [round(t, 2) for t in times["keras_loop"]],
         "segshare_s": [round(t, 2) for t in times["segshare"]],
         "model_only_s": [round(t, 2) for t in times["model_only"]],
@@ -253,12 +259,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(SCENARIOS), help="run one scenario in-process")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (best reported)")
+    parser.add_argument("--block", choices=["plain", "residual"], default="plain")
     args = parser.parse_args()
+    global BLOCK
+    BLOCK = args.block
     if args.only:
         print(json.dumps(SCENARIOS[args.only](args.repeats)), flush=True)
         return
     for name in SCENARIOS:  # one process per scenario: clean peak-RSS numbers
         cmd = [sys.executable, __file__, "--only", name, "--repeats", str(args.repeats)]
+        cmd += ["--block", args.block]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         print(lines[-1] if lines else f"{name}: failed\n{out.stderr[-2000:]}", flush=True)

@@ -1,14 +1,18 @@
 """Training-step throughput of the U-Net per sharing scheme (a benchmark, not a test).
 
 Prints patches/s and voxels/s of full training steps (forward, Dice+CE loss, backward, SGD update)
-on in-memory random batches, after warm-up. Runs on whatever Keras backend is active:
+on in-memory random batches, after warm-up, in rounds that interleave the schemes (so the drift
+of a shared machine hits all of them alike; the median round is shown, and the best).
+Runs on whatever Keras backend is active:
 
     python scripts/bench_train.py                                  # TensorFlow, CPU
     KERAS_BACKEND=jax python scripts/bench_train.py --precision mixed_bfloat16   # e.g. on a GPU
 
-Defaults: patch 64^3, batch 2, widths 16-32-64-128, one residual block per stage (an entry conv and
-two block convs per encoder stage), two decoder convs per stage, every scheme, and first the plain
-Keras reference network (two conv-norm-act per stage, no custom layers) for comparison.
+Defaults: the issue's architecture, patch 64^3, batch 2, widths 16-32-64-128, two conv-norm-act
+per stage (``block=plain``: a strided entry conv and one plain block per encoder stage; two convs
+per decoder stage), every scheme, and first the same network in stock Keras layers (``reference``,
+no custom layers) for comparison. ``--block residual`` measures the residual encoder instead (an
+entry conv and a two-conv residual block per stage: 25 % more convolution work).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--blocks", type=int, nargs="+", default=None, help="blocks per stage")
+    p.add_argument("--block", choices=["plain", "residual"], default="plain")
     p.add_argument("--decoder-blocks", type=int, default=2)
     p.add_argument(
         "--schemes",
@@ -39,7 +44,8 @@ def _parse() -> argparse.Namespace:
         default=["reference", *SHARING_SCHEMES],
         help="sharing schemes; 'reference' = the plain Keras network of the issue (no sharing)",
     )
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=5, help="rounds over all schemes (median shown)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--classes", type=int, default=3)
     p.add_argument("--precision", default="float32")
@@ -87,7 +93,8 @@ def _generic_step(model, optimizer, loss_fn, jit: bool):
     return lambda x, y: float(model.train_on_batch(x, y))
 
 
-def bench(args: argparse.Namespace, scheme: str, jit: bool) -> dict:
+def prepare(args: argparse.Namespace, scheme: str, jit: bool, x, y) -> dict:
+    """Build one scheme's model and train step, and warm it up (tracing included)."""
     keras.utils.set_random_seed(0)
     blocks = args.blocks or [1] * len(args.features)
     if scheme == "reference":
@@ -98,35 +105,33 @@ def bench(args: argparse.Namespace, scheme: str, jit: bool) -> dict:
             num_classes=args.classes,
             features=args.features,
             blocks_per_stage=blocks,
+            block=args.block,
             decoder_blocks=args.decoder_blocks,
             sharing=scheme,
         )
     optimizer = keras.optimizers.SGD(0.01, momentum=0.99, nesterov=True)
     if args.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    loss_fn = DiceCELoss()
     maker = _tf_step if keras.backend.backend() == "tensorflow" else _generic_step
-    step = maker(model, optimizer, loss_fn, jit)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(args.batch, *args.patch, 1)).astype("float32")
-    y = rng.integers(0, args.classes, size=(args.batch, *args.patch)).astype("int32")
+    step = maker(model, optimizer, DiceCELoss(), jit)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         step(x, y)
-    warm = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step(x, y)
-    seconds = (time.perf_counter() - t0) / args.steps
-    voxels = args.batch * int(np.prod(args.patch))
     return {
         "scheme": scheme,
+        "step": step,
         "unique_params": count_unique_params(model),
-        "s_per_step": seconds,
-        "patches_per_s": args.batch / seconds,
-        "mvoxels_per_s": voxels / seconds / 1e6,
-        "warmup_s": warm,
+        "warmup_s": time.perf_counter() - t0,
+        "rounds": [],
     }
+
+
+def time_round(run: dict, steps: int, x, y) -> None:
+    """Append the mean seconds per step of ``steps`` steps to ``run["rounds"]``."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        run["step"](x, y)
+    run["rounds"].append((time.perf_counter() - t0) / steps)
 
 
 def main() -> None:
@@ -146,15 +151,25 @@ def main() -> None:
     print(
         f"backend={keras.backend.backend()} devices={devices} precision={args.precision} "
         f"jit={jit} patch={args.patch} batch={args.batch} features={args.features} "
-        f"blocks={args.blocks or [1] * len(args.features)} decoder_blocks={args.decoder_blocks}"
+        f"block={args.block} blocks={args.blocks or [1] * len(args.features)} "
+        f"decoder_blocks={args.decoder_blocks}"
     )
-    header = ("scheme", "params", "s/step", "patches/s", "Mvox/s", "warmup s")
-    print("".join(f"{h:<10}" if i == 0 else f"{h:>11}" for i, h in enumerate(header)))
-    for scheme in args.schemes:
-        r = bench(args, scheme, jit)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.batch, *args.patch, 1)).astype("float32")
+    y = rng.integers(0, args.classes, size=(args.batch, *args.patch)).astype("int32")
+    runs = [prepare(args, scheme, jit, x, y) for scheme in args.schemes]
+    for _ in range(args.rounds):  # schemes interleaved: the machine's drift hits all alike
+        for run in runs:
+            time_round(run, args.steps, x, y)
+    voxels = args.batch * int(np.prod(args.patch))
+    header = ("scheme", "params", "median s/step", "patches/s", "Mvox/s", "best Mvox/s", "warmup s")
+    print("".join(f"{h:<10}" if i == 0 else f"{h:>14}" for i, h in enumerate(header)))
+    for run in runs:
+        median, best = float(np.median(run["rounds"])), min(run["rounds"])
         print(
-            f"{r['scheme']:<10}{r['unique_params']:>11,}{r['s_per_step']:>11.3f}"
-            f"{r['patches_per_s']:>11.2f}{r['mvoxels_per_s']:>11.3f}{r['warmup_s']:>11.1f}"
+            f"{run['scheme']:<10}{run['unique_params']:>14,}{median:>14.3f}"
+            f"{args.batch / median:>14.2f}{voxels / median / 1e6:>14.3f}"
+            f"{voxels / best / 1e6:>14.3f}{run['warmup_s']:>14.1f}"
         )
 
 

@@ -109,6 +109,7 @@ def generate_synthetic_dataset(
     num_channels: int = 1,
     ct_like: bool = False,
     num_test_cases: int = 0,
+    overwrite: bool = True,
 ) -> Path:
     """Write a synthetic dataset in the nnU-Net raw layout.
 
@@ -123,6 +124,9 @@ def generate_synthetic_dataset(
         ct_like: CT-like intensities; ``dataset.json`` then names the channels "CT".
         num_test_cases: held-out cases written to ``imagesTs/`` and ``labelsTs/`` (numbered after
             the training cases, drawn after them, so they never change the training cases).
+        overwrite: replace an existing ``out_dir``. ``False``: if ``out_dir`` exists when the new
+            folder is ready (another process generated it meanwhile), keep that one, untouched
+            while its owner may be reading it, and drop this one.
 
     Returns:
         ``out_dir``. The folder is built under a temporary name and renamed into place.
@@ -155,9 +159,13 @@ def generate_synthetic_dataset(
             "file_ending": ".nii.gz",
         }
         write_json_atomic(meta, tmp / "dataset.json")
-        if out.exists():
+        if out.exists() and overwrite:
             shutil.rmtree(out)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)  # fails on an existing non-empty folder: it is never clobbered
+        except OSError:
+            if overwrite or not out.is_dir():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -183,6 +191,7 @@ def ensure_dataset(data_cfg: Any) -> Path:
             num_organs=int(syn.num_organs),
             num_channels=int(syn.get("num_channels", 1)),
             num_test_cases=int(syn.get("num_test_cases", 0)),
+            overwrite=False,  # a concurrent run (multirun, joblib) may have made it meanwhile
         )
     if not root.exists():
         raise ValueError(f"data.root: dataset folder {root} does not exist")

@@ -137,3 +137,28 @@ def test_synthetic_held_out_test_cases_do_not_change_training_cases(tmp_path):
             np.asarray(nib.load(plain / name).dataobj), np.asarray(nib.load(held / name).dataobj)
         )
     assert not (plain / "imagesTs").exists()
+
+
+def test_synthetic_generation_never_clobbers_a_folder_another_process_made(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from segshare.data.synthetic import generate_synthetic_dataset
+
+    out = tmp_path / "syn"
+    args = dict(num_cases=2, seed=1, shape_range=(16, 18))
+    (out / "imagesTr").mkdir(parents=True)
+    (out / "imagesTr" / "sentinel.txt").write_text("being read by another run")
+    assert generate_synthetic_dataset(out, overwrite=False, **args) == out
+    assert (out / "imagesTr" / "sentinel.txt").exists()  # kept, not replaced under its reader
+    generate_synthetic_dataset(out, **args)  # the default replaces it
+    assert not (out / "imagesTr" / "sentinel.txt").exists()
+    # Four runs that all found the folder missing generate it at once: one wins, all succeed.
+    race = tmp_path / "race"
+    with ThreadPoolExecutor(4) as pool:
+        done = list(
+            pool.map(lambda _: generate_synthetic_dataset(race, overwrite=False, **args), range(4))
+        )
+    assert done == [race] * 4
+    ds = discover_dataset(race)
+    assert ds.case_ids == ["case_000", "case_001"] and ds.problems == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["race", "syn"]  # no temporaries left
