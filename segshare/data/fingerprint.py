@@ -117,6 +117,35 @@ def default_normalization(channel_names: dict[str, str]) -> list[str]:
     ]
 
 
+def default_target_spacing(
+    fingerprint: dict[str, Any], anisotropy_threshold: float = 3.0
+) -> tuple[float, float, float]:
+    """The dataset's median spacing, except along a strongly anisotropic axis (nnU-Net's rule).
+
+    When the median spacing's coarsest axis is more than ``anisotropy_threshold`` times the
+    next-coarsest one *and* the median cropped image has fewer than ``1/anisotropy_threshold`` as
+    many voxels along it as along the others (thick slices, few of them), that axis takes the 10th
+    percentile of the cases' spacings instead of the median (never finer than the other axes'
+    spacing): the few high-resolution scans of such a dataset are not blurred down to the
+    median's thick slices, while the typical scan is not upsampled across slices either.
+    """
+    median = [float(v) for v in fingerprint["median_spacing"]]
+    spacings = np.array(list(fingerprint.get("spacings", {}).values()), dtype=float)
+    shapes = np.array(list(fingerprint.get("cropped_shapes", {}).values()), dtype=float)
+    if spacings.size == 0 or shapes.size == 0:
+        return tuple(median)
+    worst = int(np.argmax(median))
+    others = [a for a in range(3) if a != worst]
+    coarsest_other = max(median[a] for a in others)
+    median_shape = np.median(shapes, axis=0)
+    thick = median[worst] > anisotropy_threshold * coarsest_other
+    few = median_shape[worst] * anisotropy_threshold < min(median_shape[a] for a in others)
+    if thick and few:
+        p10 = float(np.percentile(spacings[:, worst], 10))
+        median[worst] = p10 if p10 >= coarsest_other else coarsest_other + 1e-5
+    return tuple(median)
+
+
 def make_plan(
     fingerprint: dict[str, Any],
     labels: dict[str, int],
@@ -132,7 +161,8 @@ def make_plan(
     Args:
         fingerprint: from :func:`build_fingerprint`.
         labels: label name -> value (background included).
-        target_spacing: None = the dataset's median spacing.
+        target_spacing: None = :func:`default_target_spacing` (the median spacing; the 10th
+            percentile along a strongly anisotropic axis).
         normalization: None = from channel names ("CT" -> ct, else zscore); a string applies to
             every channel; a list gives one scheme per channel.
         anisotropy_threshold: see :func:`segshare.data.resample.anisotropic_axis`.
@@ -150,7 +180,9 @@ def make_plan(
         raise ValueError(
             f"data.normalization must be 'ct'/'zscore' per channel ({n_ch}), got {normalization!r}"
         )
-    spacing = target_spacing if target_spacing is not None else fingerprint["median_spacing"]
+    spacing = target_spacing
+    if spacing is None:
+        spacing = default_target_spacing(fingerprint, anisotropy_threshold)
     if len(spacing) != 3 or any(float(s) <= 0 for s in spacing):
         raise ValueError(f"data.target_spacing must be 3 positive numbers, got {spacing!r}")
     ct_stats = None

@@ -182,3 +182,34 @@ def test_pydataset_under_jax_backend(prepared):
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def _fingerprint(spacings, shapes):
+    ids = [f"c{i}" for i in range(len(spacings))]
+    return {
+        "median_spacing": np.median(np.array(spacings, float), axis=0).tolist(),
+        "spacings": dict(zip(ids, spacings, strict=True)),
+        "cropped_shapes": dict(zip(ids, shapes, strict=True)),
+    }
+
+
+def test_target_spacing_takes_10th_percentile_along_thick_few_slices():
+    from segshare.data.fingerprint import default_target_spacing
+
+    # Thick slices (median 5 mm, 3x the in-plane 0.8 mm) and few of them (40 vs 256): the 10th
+    # percentile of the slice spacing (as nnU-Net), so the thin-slice scans keep their detail.
+    z = [1.5, 2.0, 3.0] + [5.0] * 7
+    fp = _fingerprint([[0.8, 0.8, s] for s in z], [[256, 256, 40]] * 10)
+    target = default_target_spacing(fp)
+    assert target[:2] == (0.8, 0.8)
+    assert target[2] == pytest.approx(np.percentile(z, 10)) and target[2] < 5.0
+    # Thick but not few slices (200 of them): the median.
+    fp = _fingerprint([[0.8, 0.8, s] for s in z], [[256, 256, 200]] * 10)
+    assert default_target_spacing(fp) == (0.8, 0.8, 5.0)
+    # Mildly anisotropic (under the threshold): the median.
+    fp = _fingerprint([[1.0, 1.0, s] for s in (2.0, 2.5, 2.5)], [[200, 200, 40]] * 3)
+    assert default_target_spacing(fp) == (1.0, 1.0, 2.5)
+    # The percentile never goes finer than the other axes.
+    z = [0.5, 0.5, 4.0, 4.0, 4.0]
+    fp = _fingerprint([[1.0, 1.0, s] for s in z], [[300, 300, 30]] * 5)
+    assert default_target_spacing(fp)[2] == pytest.approx(1.0 + 1e-5)
