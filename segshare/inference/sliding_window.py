@@ -206,7 +206,9 @@ def _accumulate(out, chunk, pred, gauss, padded, num_classes):
 
 
 def _progress_bar(total: int, enabled: bool):
-    """A tqdm bar over windows (disabled unless ``enabled``)."""
+    """A tqdm bar over windows, when ``enabled`` and only on a terminal: in a log file (a SLURM
+    job, CI) a transient inner bar would leave one line per refresh, so only the cases bar shows."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="windows", unit="win", leave=False, disable=not enabled)
+    disable = None if enabled else True  # None: tqdm disables itself when stderr is not a TTY
+    return tqdm(total=total, desc="windows", unit="win", leave=False, disable=disable)

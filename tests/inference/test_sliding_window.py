@@ -115,3 +115,22 @@ def test_bad_volume_and_prediction_shape():
         sliding_window_inference(np.zeros((8, 8, 8, 1), np.float32), lambda b: b[:, :4], 8)
     with pytest.raises(ValueError, match="roi_size"):
         sliding_window_inference(np.zeros((8, 8, 8, 1), np.float32), identity, (8, 8))
+
+
+def test_window_bar_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from segshare.inference.sliding_window import _progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file: no inner bar
+    assert _progress_bar(8, True).disable
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    bar = _progress_bar(8, True)
+    assert not bar.disable
+    bar.close()
+    assert _progress_bar(8, False).disable
