@@ -6,7 +6,7 @@ Scenarios (each runs in its own process, so peak RSS is that scenario's own):
   sw_batch_size 2, the issue's U-Net: widths 16-32-64-128, two conv-instance norm-LeakyReLU
   per stage (``build_unet(features=(16, 32, 64, 128), block="plain", blocks_per_stage=(1, 1, 1, 1),
   sharing="none")``, untrained: speed does not depend on the weights; ``--block residual`` for
-  the residual encoder, 25 % more convolution work). Timed twice: a straightforward Keras loop
+  the residual encoder, 24 % more convolution work). Timed twice: a straightforward Keras loop
   (``model.predict`` per batch of windows, accumulate, no threads) and ``segshare.inference``
   (tf.function forward + softmax, windows gathered and accumulated while the next batch runs).
   Both are checked to give the same labels.

@@ -12,7 +12,7 @@ Defaults: the issue's architecture, patch 64^3, batch 2, widths 16-32-64-128, tw
 per stage (``block=plain``: a strided entry conv and one plain block per encoder stage; two convs
 per decoder stage), every scheme, and first the same network in stock Keras layers (``reference``,
 no custom layers) for comparison. ``--block residual`` measures the residual encoder instead (an
-entry conv and a two-conv residual block per stage: 25 % more convolution work).
+entry conv and a two-conv residual block per stage: 24 % more convolution work).
 """
 
 from __future__ import annotations

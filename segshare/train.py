@@ -17,6 +17,29 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 
+def _check_resumed_plan(run_dir: Path, plan) -> None:
+    """Refuse to resume a run whose checkpoint was trained on another preprocessing plan.
+
+    Raises:
+        ValueError: naming the run's ``plan.json`` and the settings that differ.
+    """
+    from segshare.data.preprocessing import Plan
+    from segshare.training.checkpoints import find_checkpoint
+
+    saved = run_dir / "plan.json"
+    if not saved.is_file() or find_checkpoint(run_dir / "checkpoints" / "latest") is None:
+        return
+    old, new = Plan.load(saved).to_dict(), plan.to_dict()
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"{saved}: this run's checkpoint was trained with another preprocessing plan "
+            f"({details}). Resume with the run's data settings (e.g. data.target_spacing), or "
+            f"train into a new hydra.run.dir."
+        )
+
+
 def _configure_tensorflow(cfg: DictConfig) -> bool:
     """Seeds, determinism, precision; returns whether XLA compilation is on."""
     import keras
@@ -81,6 +104,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     check_patch_size(patch, len(cfg.model.features), int(cfg.model.spatial_dims))
     prepared = prepare_dataset(cfg.data, progress=bool(cfg.trainer.progress))
     plan = prepared.plan
+    _check_resumed_plan(run_dir, plan)
     with strategy.scope():
         model = instantiate(
             cfg.model,

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from segshare.data.io import is_nifti_path, read_json, strip_nifti_suffix
@@ -33,6 +34,7 @@ class Case:
     case_id: str
     images: tuple[Path, ...]
     label: Path | None = None
+    problem: str | None = None  # found by discovery (e.g. a missing channel file); fails the case
 
 
 @dataclass
@@ -69,35 +71,49 @@ def _nifti_files(folder: Path) -> list[Path]:
 def _group_channels(
     files: list[Path], in_channels: int | None = None, case_ids: set[str] | frozenset = frozenset()
 ) -> list[Case]:
-    """Group nnU-Net ``{case}_{XXXX}`` channel files into one Case per case, else one per file.
+    """Read ``files`` as nnU-Net ``{case}_{XXXX}`` channel files (one Case per case) or as one
+    case per file, whichever the names support.
 
-    A model known to take several channels (``in_channels > 1``) reads ``_XXXX`` names as channel
-    files (a case missing one is then reported as that case's error). Otherwise names count as
-    channels only when they say so unambiguously: every case has the same gapless run
-    ``0000, 0001, ...`` (``in_channels`` long when known), and no stem is itself a known case id
-    (``case_ids``, e.g. the label files' names). Else every file is its own case, so numbered
-    scans such as ``patient_2019`` or ``scan_0001`` are not taken for channels.
+    Every name must end in ``_XXXX`` to be read as channels. Then, in order:
+
+    1. Known case ids (``case_ids``: the label files' names of a training folder) decide when
+       one reading matches more of them than the other.
+    2. Otherwise the channel runs decide: with ``n`` = ``in_channels`` (the model's, when known)
+       or the most common number of files per case, the files are channels when at least half
+       of the cases have exactly ``0000 .. n-1``. A case that then has other channels (one
+       missing, one extra, ``0000 + 0002``) gets a :attr:`Case.problem` naming them, which
+       validation and prediction report as that case's error.
+
+    So ``patient_2019``, ``scan_0001 .. scan_0004`` or (for a one-channel model)
+    ``img_0000 .. img_0010`` stay one case per file, while one stray ``c_0001`` beside ``a_0000,
+    b_0000, c_0000`` fails case ``c`` alone.
     """
     stems = [strip_nifti_suffix(p.name) for p in files]
-    matches = [_CHANNEL_RE.match(s) for s in stems]
-    if files and all(matches) and not case_ids.intersection(stems):
-        groups: dict[str, list[tuple[int, Path]]] = {}
-        for m, p in zip(matches, files, strict=True):
-            groups.setdefault(m["case"], []).append((int(m["channel"]), p))
-        counts = {len(chans) for chans in groups.values()}
-        unambiguous = (
-            len(counts) == 1
-            and in_channels in (None, *counts)
-            and all(sorted(c for c, _ in ch) == list(range(len(ch))) for ch in groups.values())
-        )
-        if unambiguous or (in_channels or 0) > 1:
-            return [
-                Case(cid, tuple(p for _, p in sorted(chans)))
-                for cid, chans in sorted(groups.items())
-            ]
-    return sorted(
+    single = sorted(
         (Case(s, (p,)) for s, p in zip(stems, files, strict=True)), key=lambda c: c.case_id
     )
+    matches = [_CHANNEL_RE.match(s) for s in stems]
+    if not files or not all(matches):
+        return single
+    groups: dict[str, dict[int, Path]] = {}
+    for m, p in zip(matches, files, strict=True):
+        groups.setdefault(m["case"], {})[int(m["channel"])] = p
+    grouped_hits, single_hits = len(case_ids & groups.keys()), len(case_ids & set(stems))
+    n = in_channels or Counter(len(ch) for ch in groups.values()).most_common(1)[0][0]
+    expected = list(range(n))
+    fits = sum(sorted(ch) == expected for ch in groups.values())
+    if grouped_hits < single_hits or (grouped_hits == single_hits and 2 * fits < len(groups)):
+        return single
+    cases = []
+    for cid, chans in sorted(groups.items()):
+        problem = None
+        if sorted(chans) != expected:
+            problem = (
+                f"case {cid!r} has channel files {', '.join(f'_{c:04d}' for c in sorted(chans))}, "
+                f"expected {', '.join(f'_{c:04d}' for c in expected)}"
+            )
+        cases.append(Case(cid, tuple(chans[c] for c in sorted(chans)), problem=problem))
+    return cases
 
 
 def discover_images(path: str | os.PathLike, in_channels: int | None = None) -> list[Case]:
@@ -107,8 +123,7 @@ def discover_images(path: str | os.PathLike, in_channels: int | None = None) -> 
         path: a NIfTI file, a folder of NIfTI files, or a dataset folder with ``imagesTs/`` or
             ``imagesTr/`` (``imagesTs`` preferred). nnU-Net ``{case}_{XXXX}`` channel files are
             grouped into one Case (see :func:`_group_channels` for when names count as channels).
-        in_channels: the channels the model takes, when known: names are read as channel files
-            only if every case then has exactly this many.
+        in_channels: the channels the model takes, when known (see :func:`_group_channels`).
 
     Returns:
         Cases without labels, sorted by ``case_id``.
@@ -199,7 +214,9 @@ def _paired_cases(
             problems.append(
                 (str(case.images[0]), f"no label file for case {case.case_id!r} in {lbl_dir}")
             )
-        out.append(Case(case.case_id, case.images, label))
+        if case.problem:
+            problems.append((str(case.images[0]), case.problem))
+        out.append(replace(case, label=label))
     for cid, path in sorted(label_files.items()):
         problems.append((str(path), f"label without an image (case {cid!r})"))
     return out

@@ -124,9 +124,9 @@ def generate_synthetic_dataset(
         ct_like: CT-like intensities; ``dataset.json`` then names the channels "CT".
         num_test_cases: held-out cases written to ``imagesTs/`` and ``labelsTs/`` (numbered after
             the training cases, drawn after them, so they never change the training cases).
-        overwrite: replace an existing ``out_dir``. ``False``: if ``out_dir`` exists when the new
-            folder is ready (another process generated it meanwhile), keep that one, untouched
-            while its owner may be reading it, and drop this one.
+        overwrite: replace an existing ``out_dir``. ``False``: an existing ``out_dir`` is kept
+            (returned at once), also when it appears while this call generates (another process
+            made it meanwhile): it is never replaced under a reader; this call's copy is dropped.
 
     Returns:
         ``out_dir``. The folder is built under a temporary name and renamed into place.
@@ -134,6 +134,8 @@ def generate_synthetic_dataset(
     out = Path(out_dir)
     if num_cases < 1:
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
+    if out.exists() and not overwrite:
+        return out
     rng = np.random.default_rng(seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -169,8 +169,11 @@ class Predictor:
 
         Raises:
             ValueError: Naming the file, when it is unreadable, not 3D (or 4D channels-last),
-                too large, mismatched (channel shapes or affines differ) or not finite.
+                too large, mismatched (channel shapes or affines differ), not finite, or
+                discovery found a problem with its files (``Case.problem``).
         """
+        if case.problem:
+            raise ValueError(f"{case.images[0]}: {case.problem}")
         problems: list = []
         opened = open_headers(case, self.max_voxels, problems)  # headers only
         if not problems:

@@ -55,8 +55,9 @@ def build_unet(
         in_channels: Input channels ``C``.
         num_classes: Output classes ``K`` (background included).
         features: Width of each encoder stage, e.g. ``(16, 32, 64, 128, 256)``.
-        blocks_per_stage: Blocks after each stage's entry conv; default ``1`` for the first
-            stage and ``2`` for the others, i.e. ``(1, 2, 2, 2, 2)`` for five stages.
+        blocks_per_stage: Blocks after each stage's entry conv; default for residual blocks
+            ``1`` for the first stage and ``2`` for the others (``(1, 2, 2, 2, 2)`` for five
+            stages), for plain blocks ``1`` everywhere (two convs per stage).
         block: ``"residual"`` (two convs with a skip, as nnU-Net's ResEnc) or ``"plain"`` (one
             conv-norm-act unit; ``blocks_per_stage`` of 1 gives nnU-Net's PlainConvUNet, two
             convs per stage).
@@ -85,7 +86,9 @@ def build_unet(
         raise ValueError(f"decoder_blocks must be >= 1, got {decoder_blocks!r}.")
     features = tuple(int(f) for f in features)
     if blocks_per_stage is None:
-        blocks_per_stage = (1,) + (2,) * (len(features) - 1)
+        blocks_per_stage = (1,) * len(features)
+        if block == "residual":
+            blocks_per_stage = (1,) + (2,) * (len(features) - 1)
     if patch_size is not None:
         check_patch_size(patch_size, len(features), spatial_dims)
     encoder = SharedEncoder(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -68,17 +69,37 @@ def test_discover_images_file_folder_and_dataset(tmp_path):
     [
         (["patient_2019", "patient_2020"], None, ["patient_2019", "patient_2020"]),  # years
         (["scan_0001", "scan_0002"], None, ["scan_0001", "scan_0002"]),  # no channel 0000
-        (["a_0000", "a_0001", "b_0000"], None, ["a_0000", "a_0001", "b_0000"]),  # b lacks 0001
+        (
+            ["scan_0001", "scan_0002", "scan_0003", "scan_0004"],
+            4,
+            ["scan_0001", "scan_0002", "scan_0003", "scan_0004"],
+        ),  # numbered scans, not a 4-channel case
         (["img_0000", "img_0001"], 1, ["img_0000", "img_0001"]),  # the model takes 1 channel
         (["img_0000", "img_0001"], 2, ["img"]),
         (["a_0000", "b_0000"], 1, ["a", "b"]),  # nnU-Net single-channel names
-        (["a_0000", "a_0001", "b_0000"], 2, ["a", "b"]),  # b's missing channel: b's own error
+        (["a_0000", "a_0001", "b_0000"], None, ["a", "b"]),  # b's missing channel: b's problem
+        (["a_0000", "a_0001", "b_0000"], 2, ["a", "b"]),
+        (["a_0000", "b_0000", "c_0000", "c_0001"], 1, ["a", "b", "c"]),  # c's stray _0001
     ],
 )
 def test_numbered_scans_are_not_taken_for_channels(tmp_path, names, in_channels, expected):
     for name in names:
         write_nifti(tmp_path / f"{name}.nii.gz", np.zeros((2, 2, 2), np.float32))
-    assert [c.case_id for c in discover_images(tmp_path, in_channels)] == expected
+    cases = discover_images(tmp_path, in_channels)
+    assert [c.case_id for c in cases] == expected
+    n = in_channels or 2
+    for c in cases:  # a grouped case is flagged exactly when its channel run is not 0000..n-1
+        run = [int(p.name.split("_")[-1][:4]) for p in c.images]
+        assert (c.problem is not None) == (c.case_id in ("a", "b", "c") and run != list(range(n)))
+
+
+def test_wrong_channel_run_is_reported_not_used(tmp_path):
+    for name in ("a_0000", "a_0002", "b_0000", "b_0001", "c_0000", "c_0001"):
+        write_nifti(tmp_path / f"{name}.nii.gz", np.zeros((2, 2, 2), np.float32))
+    cases = {c.case_id: c for c in discover_images(tmp_path, 2)}
+    assert sorted(cases) == ["a", "b", "c"]
+    assert cases["a"].problem == "case 'a' has channel files _0000, _0002, expected _0000, _0001"
+    assert cases["b"].problem is None and cases["c"].problem is None
 
 
 def test_paired_numbered_names_match_their_labels(tmp_path):
@@ -88,6 +109,21 @@ def test_paired_numbered_names_match_their_labels(tmp_path):
     ds = discover_dataset(tmp_path)
     assert ds.case_ids == ["patient_0000", "patient_0001"]
     assert all(c.label is not None for c in ds.cases) and ds.problems == []
+
+
+def test_stray_channel_file_fails_its_case_only(tmp_path):
+    for cid in ("a", "b", "c"):
+        write_nifti(tmp_path / "imagesTr" / f"{cid}_0000.nii.gz", np.zeros((2, 2, 2), np.float32))
+        write_nifti(tmp_path / "labelsTr" / f"{cid}.nii.gz", np.zeros((2, 2, 2), np.uint8))
+    write_nifti(tmp_path / "imagesTr" / "c_0001.nii.gz", np.zeros((2, 2, 2), np.float32))
+    meta = {"channel_names": {"0": "MR"}, "labels": {"background": 0, "x": 1}}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    ds = discover_dataset(tmp_path)
+    assert ds.case_ids == ["a", "b", "c"]
+    assert all(c.label is not None for c in ds.cases)
+    assert [(Path(f).name, m) for f, m in ds.problems] == [
+        ("c_0000.nii.gz", "case 'c' has channel files _0000, _0001, expected _0000")
+    ]
 
 
 def test_load_nifti_errors_name_file(tmp_path):

@@ -241,7 +241,10 @@ def test_discovered_multichannel_case_is_predicted(tmp_path, compose_cfg):
     report = run(compose_cfg(f"model_path={run2}", f"input={tmp_path}", f"output={out}"))
     assert report.written == ["pat"]
     assert [f["case_id"] for f in report.failed] == ["lone"]
-    assert "1 channels, plan expects 2" in report.failed[0]["reason"]
+    assert (
+        "lone_0000.nii.gz: case 'lone' has channel files _0000, expected _0000, _0001"
+        in (report.failed[0]["reason"])
+    )
     assert nib.load(str(out / "pat.nii.gz")).shape == data.shape
 
 

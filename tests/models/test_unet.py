@@ -69,6 +69,14 @@ def test_unique_params_match_closed_form_and_weights_are_listed_once(scheme, blo
     assert len(paths) == len(set(paths))
 
 
+def test_plain_block_default_is_two_convs_per_stage():
+    model = build_unet(features=(4, 8, 16), block="plain", num_classes=3)
+    assert model.get_layer("encoder").blocks_per_stage == (1, 1, 1)
+    assert count_unique_params(model) == _closed_form(
+        "none", 1, (4, 8, 16), (1, 1, 1), 3, 2, 2, per_block=1
+    )
+
+
 def test_default_model_every_scheme_saves_parameters():
     counts = {s: parameter_report(build_unet(sharing=s)) for s in SHARING_SCHEMES}
     base = counts["none"]["unique_trainable"]

@@ -84,6 +84,21 @@ def test_raising_max_epochs_extends_a_finished_run(make_cfg, tmp_path, capsys):
     assert float(rows[1]["lr"]) == pytest.approx(0.01 * 0.5**0.9)  # the extended schedule
 
 
+def test_resume_with_another_preprocessing_plan_is_refused(make_cfg, tmp_path):
+    train(make_cfg("trainer.max_epochs=1", run_dir=tmp_path / "run"))
+    before = (tmp_path / "run" / "plan.json").read_text()
+    with pytest.raises(
+        ValueError, match=r"plan.json: .*another preprocessing plan .*target_spacing"
+    ):
+        train(
+            make_cfg(
+                "trainer.max_epochs=2", "data.target_spacing=[2,2,2]", run_dir=tmp_path / "run"
+            )
+        )
+    assert (tmp_path / "run" / "plan.json").read_text() == before  # the run is left as it was
+    assert [r["epoch"] for r in _log(tmp_path / "run")] == ["0"]
+
+
 def _cli(overrides: list[str], run_dir: Path, data_root: Path) -> list[str]:
     from tests.training.conftest import TINY
 
