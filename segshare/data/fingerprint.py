@@ -131,13 +131,12 @@ def default_target_spacing(
     """
     median = [float(v) for v in fingerprint["median_spacing"]]
     spacings = np.array(list(fingerprint.get("spacings", {}).values()), dtype=float)
-    shapes = np.array(list(fingerprint.get("cropped_shapes", {}).values()), dtype=float)
-    if spacings.size == 0 or shapes.size == 0:
+    median_shape = fingerprint.get("median_cropped_shape")
+    if spacings.size == 0 or not median_shape:
         return tuple(median)
     worst = int(np.argmax(median))
     others = [a for a in range(3) if a != worst]
     coarsest_other = max(median[a] for a in others)
-    median_shape = np.median(shapes, axis=0)
     thick = median[worst] > anisotropy_threshold * coarsest_other
     few = median_shape[worst] * anisotropy_threshold < min(median_shape[a] for a in others)
     if thick and few:

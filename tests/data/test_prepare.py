@@ -189,7 +189,7 @@ def _fingerprint(spacings, shapes):
     return {
         "median_spacing": np.median(np.array(spacings, float), axis=0).tolist(),
         "spacings": dict(zip(ids, spacings, strict=True)),
-        "cropped_shapes": dict(zip(ids, shapes, strict=True)),
+        "median_cropped_shape": np.median(np.array(shapes, float), axis=0).tolist(),
     }
 
 
