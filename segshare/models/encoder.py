@@ -10,8 +10,8 @@ convs are all ``features[s] -> features[s]``. A block is either
 
 - ``residual`` (default): a basic block ``act(x + norm(conv(act(norm(conv(x))))))``, two convs,
   as in nnU-Net's ResEnc U-Net and ShaResNet; or
-- ``plain``: one conv-norm-act unit, as in nnU-Net's default PlainConvUNet (one plain block per
-  stage gives its two convs per stage).
+- ``plain``: one conv-norm-act unit, the block structure of nnU-Net's default PlainConvUNet (one
+  plain block per stage gives its two convs per stage).
 
 Sharing schemes pick the bank of each conv:
 

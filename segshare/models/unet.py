@@ -59,8 +59,8 @@ def build_unet(
             ``1`` for the first stage and ``2`` for the others (``(1, 2, 2, 2, 2)`` for five
             stages), for plain blocks ``1`` everywhere (two convs per stage).
         block: ``"residual"`` (two convs with a skip, as nnU-Net's ResEnc) or ``"plain"`` (one
-            conv-norm-act unit; ``blocks_per_stage`` of 1 gives nnU-Net's PlainConvUNet, two
-            convs per stage).
+            conv-norm-act unit; ``blocks_per_stage`` of 1 gives the block structure of nnU-Net's
+            PlainConvUNet, two convs per stage).
         sharing: ``"none" | "stage" | "global" | "template"`` (see ``segshare.models.encoder``).
         num_templates: Templates per stage for ``template`` sharing.
         norm: ``"instance" | "batch"``.
