@@ -148,21 +148,45 @@ def discover_images(path: str | os.PathLike, in_channels: int | None = None) -> 
     return _group_channels(files, in_channels)
 
 
-def _labels_from_json(meta: dict, problems: list[tuple[str, str]], where: str) -> dict[str, int]:
-    """nnU-Net v2 ``{"name": int}`` or MSD ``{"0": "name"}`` -> ``{"name": int}``."""
-    raw = meta.get("labels", {})
+def parse_labels(
+    raw: object, where: str, problems: list[tuple[str, str]] | None = None
+) -> dict[str, int]:
+    """The ``labels`` entry of a ``dataset.json``: nnU-Net v2 ``{"name": int}`` or MSD
+    ``{"0": "name"}`` -> ``{"name": int}``.
+
+    Args:
+        raw: the ``labels`` value.
+        where: the file it came from (for messages).
+        problems: where ``(where, message)`` pairs go for a non-mapping or an entry that is
+            neither layout (e.g. an nnU-Net region label, ``{"name": [1, 2]}``); ``None``: such
+            entries are skipped and a non-mapping raises.
+
+    Returns:
+        ``{name: label}`` in the file's order.
+
+    Raises:
+        ValueError: ``raw`` is not a mapping and ``problems`` is ``None`` (names ``where``).
+    """
     labels: dict[str, int] = {}
     if not isinstance(raw, dict):
-        problems.append((where, f"'labels' must be a mapping, got {raw!r}"))
+        message = f"'labels' must be a mapping, got {raw!r}"
+        if problems is None:
+            raise ValueError(f"{where}: {message}")
+        problems.append((where, message))
         return labels
     for key, value in raw.items():
         if isinstance(value, int) and not isinstance(value, bool):
             labels[str(key)] = value
         elif str(key).lstrip("-").isdigit():
             labels[str(value)] = int(key)
-        else:
+        elif problems is not None:
             problems.append((where, f"label entry {key!r}: {value!r} is not name->integer"))
     return labels
+
+
+def _labels_from_json(meta: dict, problems: list[tuple[str, str]], where: str) -> dict[str, int]:
+    """:func:`parse_labels` of ``meta["labels"]`` (problems reported, never raised)."""
+    return parse_labels(meta.get("labels", {}), where, problems)
 
 
 def is_inside(root: Path, path: Path) -> bool:

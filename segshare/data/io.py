@@ -1,8 +1,8 @@
-"""NIfTI, NumPy and JSON input/output with clear errors and atomic writes.
+"""NIfTI, NumPy, JSON and text input/output with clear errors and atomic writes.
 
 Every writer here writes to a temporary name in the destination folder and then
-``os.replace``-s it into place, so an interrupted run never leaves a half-written file
-under the final name.
+``os.replace``-s it into place (:func:`atomic_target`; a whole folder: :func:`atomic_folder`),
+so an interrupted run never leaves a half-written file under the final name.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -38,6 +39,22 @@ def strip_nifti_suffix(name: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def list_nifti(folder: str | os.PathLike) -> list[Path]:
+    """NIfTI files directly in ``folder`` (hidden files skipped), sorted by name.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a folder (the message names it).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder not found: '{folder}'.")
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and is_nifti_path(p.name)
+    )
 
 
 def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
@@ -110,6 +127,30 @@ def read_label_voxels(img: nib.Nifti1Image, path: str | os.PathLike) -> np.ndarr
     return read_voxels(img, path)
 
 
+def read_label_map(path: str | os.PathLike) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Open a 3D label map: its stored voxels (:func:`read_label_voxels`) and its image.
+
+    A trailing axis of length 1 (``(I, J, K, 1)``) is dropped.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` label file.
+
+    Returns:
+        ``(array (I, J, K) in the file's voxel order, image with header and affine)``; the array
+        is the stored integers, or float32 for float-stored labels (callers check/round).
+
+    Raises:
+        NiftiReadError: the file is unreadable or not 3D (the message names the file).
+    """
+    img = load_nifti(path)
+    array = read_label_voxels(img, path)
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise NiftiReadError(f"{path}: a label map must be 3D, got shape {array.shape}")
+    return array, img
+
+
 @contextmanager
 def atomic_target(path: Path, suffix: str) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it onto ``path`` on success, delete on error."""
@@ -148,12 +189,55 @@ def save_npy_atomic(array: np.ndarray, path: str | os.PathLike) -> Path:
     return path
 
 
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; swap it into place on success.
+
+    On success every file in it is fsync-ed, the folder at ``path`` (if any) is moved to
+    ``<name>.old``, the new one is renamed to ``path`` and only then is ``.old`` deleted: a process
+    killed at any moment leaves a whole folder at ``path`` or at ``<name>.old`` (readers look
+    there too). When the body raises, the temporary folder is deleted and ``path`` is untouched.
+    The temporary name is fixed (``<name>.tmp``, cleared first) so that a killed writer's leftover
+    is reused, not accumulated; one writer per ``path`` at a time.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for file in (f for f in tmp.rglob("*") if f.is_file()):  # data on disk before the swap
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(data: str | bytes, path: str | os.PathLike) -> Path:
+    """Write text (UTF-8, newlines as given) or bytes to ``path`` atomically.
+
+    Args:
+        data: the whole content.
+        path: destination; its folder is created when missing.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    with atomic_target(path, path.suffix) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """Write JSON atomically (indented, keys in insertion order)."""
-    path = Path(path)
-    with atomic_target(path, ".json") as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    return path
+    return write_text_atomic(json.dumps(obj, indent=2) + "\n", path)
 
 
 def read_json(path: str | os.PathLike) -> Any:

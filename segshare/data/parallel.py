@@ -1,4 +1,4 @@
-"""Process-parallel map over cases with a progress bar (shared by validation and caching)."""
+"""Process-parallel map over cases with a progress bar (validation, caching and evaluation)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,27 @@ from typing import Any
 
 from tqdm import tqdm
 
+#: Most worker processes :func:`default_num_workers` proposes.
+MAX_DEFAULT_WORKERS = 8
+
+
+def start_method() -> str:
+    """The start method of worker processes: ``fork``, or ``spawn`` once TensorFlow/JAX/PyTorch
+    are imported (their threads make forking unsafe), e.g. when training evaluates or calls
+    :func:`segshare.data.prepare.prepare_dataset`.
+
+    ``spawn`` re-imports ``__main__`` by its path; a main module without such a file (a script
+    read from stdin: ``__file__ == "<stdin>"``) cannot be re-imported, so ``fork`` is kept there.
+    """
+    heavy = any(m in sys.modules for m in ("tensorflow", "jax", "torch"))
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    no_main_file = bool(main_file) and not os.path.exists(main_file)
+    return "spawn" if heavy and not no_main_file else "fork"
+
 
 def mp_context() -> Any:
-    """``fork`` normally; ``spawn`` once TensorFlow/JAX/PyTorch are imported (their threads make
-    forking unsafe), e.g. when training calls :func:`segshare.data.prepare.prepare_dataset`."""
-    heavy = any(m in sys.modules for m in ("tensorflow", "jax", "torch"))
-    return mp.get_context("spawn" if heavy else "fork")
+    """The multiprocessing context of :func:`start_method`."""
+    return mp.get_context(start_method())
 
 
 def cpu_count() -> int:
@@ -27,27 +42,63 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def default_num_workers() -> int:
+    """Worker processes by default: the usable CPU cores, at most :data:`MAX_DEFAULT_WORKERS`."""
+    return max(1, min(cpu_count(), MAX_DEFAULT_WORKERS))
+
+
 def parallel_map(
     fn: Callable[[Any], Any],
     jobs: Sequence[Any],
     num_workers: int,
     desc: str,
     progress: bool = True,
+    *,
+    ordered: bool = False,
 ) -> Iterator[Any]:
-    """Yield ``fn(job)`` for every job, in completion order when ``num_workers > 1``.
+    """Yield ``fn(job)`` for every job, in worker processes when ``num_workers > 1``.
 
-    Each worker process holds one job at a time. ``fn`` must be a module-level function.
+    Each worker process holds one job at a time. ``fn`` must be a module-level function. When a
+    job raises (or the caller stops iterating), jobs not yet started are cancelled and the error
+    propagates.
+
+    Args:
+        fn: called with one job.
+        jobs: the jobs.
+        num_workers: worker processes (at most one per job); ``<= 1``: in this process.
+        desc: progress bar title.
+        progress: show a tqdm progress bar.
+        ordered: yield in the order of ``jobs`` (a finished result waits for the earlier ones);
+            default in completion order.
+
+    Yields:
+        The results.
     """
     bar = tqdm(
         total=len(jobs), desc=desc, unit="case", disable=not progress or not jobs, leave=False
     )
     with bar:
-        if num_workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(num_workers, mp_context=mp_context()) as pool:
-                for fut in as_completed([pool.submit(fn, j) for j in jobs]):
-                    yield fut.result()
-                    bar.update()
-        else:
+        if num_workers <= 1 or len(jobs) <= 1:
             for job in jobs:
-                yield fn(job)
+                result = fn(job)
                 bar.update()
+                yield result
+            return
+        with ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=mp_context()) as pool:
+            futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+            done: dict[int, Any] = {}
+            next_index = 0
+            try:
+                for future in as_completed(futures):
+                    result = future.result()
+                    bar.update()
+                    if not ordered:
+                        yield result
+                        continue
+                    done[futures[future]] = result
+                    while next_index in done:
+                        yield done.pop(next_index)
+                        next_index += 1
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise

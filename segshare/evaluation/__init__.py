@@ -1,9 +1,11 @@
 """Segmentation evaluation: metrics as pure functions, folder runner, summary and report writers.
 
 Definitions and empty-case conventions: ``docs/metrics.md``. The folder-level entry point is
-:func:`segshare.evaluate.evaluate_folders`; the report (matplotlib) is imported only when written.
+:func:`evaluate_folders` (``segshare.evaluation.folders``); the report (matplotlib) is imported
+only when written.
 """
 
+from segshare.evaluation.folders import evaluate_folders
 from segshare.evaluation.metrics import (
     ALL_METRICS,
     SegmentationMetrics,
@@ -28,6 +30,7 @@ __all__ = [
     "compute_case_metrics",
     "confusion_matrix",
     "dice",
+    "evaluate_folders",
     "hd95",
     "iou",
     "normalized_surface_dice",

@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
+from segshare.data.io import load_nifti, read_label_voxels, read_voxels  # noqa: E402
+
 #: (title, axis fixed by the slice) of the three views, on the closest-canonical (RAS) grid.
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))
 
@@ -54,14 +56,19 @@ def box_plots(
 
 
 def _canonical(path: Path, is_label: bool) -> tuple[np.ndarray, tuple[float, ...]]:
-    img = nib.as_closest_canonical(nib.load(str(path)))
-    data = np.asanyarray(img.dataobj)
+    """A volume on its closest canonical (RAS) grid (first channel of a 4D one) and its spacing,
+    as ``nib.as_closest_canonical`` would give."""
+    img = load_nifti(path)
+    data = read_label_voxels(img, path) if is_label else read_voxels(img, path)
     if data.ndim == 4:
         data = data[..., 0]
-    return (
-        data.astype(np.int32) if is_label else data.astype(np.float32),
-        tuple(float(z) for z in img.header.get_zooms()[:3]),
-    )
+    ornt = nib.orientations.io_orientation(img.affine)
+    data = nib.orientations.apply_orientation(data, ornt)
+    spacing = [0.0, 0.0, 0.0]
+    for axis, (target, _) in enumerate(ornt):
+        spacing[int(target)] = float(img.header.get_zooms()[axis])
+    data = data.astype(np.int32) if is_label else data.astype(np.float32, copy=False)
+    return data, tuple(spacing)
 
 
 def _centre(ref: np.ndarray, pred: np.ndarray) -> tuple[int, ...]:

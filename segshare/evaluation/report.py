@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from segshare.data.io import write_text_atomic
 from segshare.evaluation.metrics import ALL_METRICS, nanmean
 from segshare.evaluation.plots import box_plots, overlay_montage
-from segshare.evaluation.summary import atomic_write
 
 #: Metrics of the statistics table (TN is omitted: it only measures the image size).
 TABLE_METRICS = tuple(m for m in ALL_METRICS if m != "TN")
@@ -257,9 +257,9 @@ def write_report(
     written = {}
     for name, png in pictures.items():
         written[f"{name}.png"] = output_dir / f"{name}.png"
-        atomic_write(written[f"{name}.png"], png)
+        write_text_atomic(png, written[f"{name}.png"])
     written["report.md"] = output_dir / "report.md"
-    atomic_write(written["report.md"], render_markdown(blocks))
+    write_text_atomic(render_markdown(blocks), written["report.md"])
     written["report.html"] = output_dir / "report.html"
-    atomic_write(written["report.html"], render_html(blocks, pictures))
+    write_text_atomic(render_html(blocks, pictures), written["report.html"])
     return written

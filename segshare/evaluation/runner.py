@@ -1,24 +1,31 @@
-"""Folder-level evaluation: match files by name, load NIfTI label maps, score cases in parallel."""
+"""Folder-level evaluation: match files by name, read label maps, score cases in parallel.
+
+File names, listing and reading come from :mod:`segshare.data.io`, worker processes from
+:mod:`segshare.data.parallel`, label names from :func:`segshare.data.discovery.parse_labels`.
+"""
 
 from __future__ import annotations
 
-import json
-import multiprocessing
-import os
-import sys
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from tqdm.auto import tqdm
 
+from segshare.data.discovery import parse_labels
+from segshare.data.io import (
+    NIFTI_SUFFIXES,
+    NiftiReadError,
+    list_nifti,
+    read_json,
+    read_label_map,
+    strip_nifti_suffix,
+)
+from segshare.data.parallel import parallel_map
 from segshare.evaluation.metrics import ALL_METRICS, compute_case_metrics
 from segshare.evaluation.overlap import as_label_array
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")
 #: Largest affine difference (mm) tolerated between a prediction and its reference.
 AFFINE_ATOL = 1e-3
 
@@ -32,26 +39,6 @@ class CaseMatch:
     unmatched: list[Path] = field(default_factory=list)  # predictions without a reference
 
 
-def split_ending(name: str) -> tuple[str, str]:
-    """``("case_001", ".nii.gz")`` from ``"case_001.nii.gz"``; ending ``""`` when not NIfTI."""
-    for ending in NIFTI_ENDINGS:
-        if name.endswith(ending):
-            return name[: -len(ending)], ending
-    return name, ""
-
-
-def list_nifti(folder: Path) -> list[Path]:
-    """NIfTI files directly in ``folder`` (hidden files skipped), sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"folder not found: '{folder}'.")
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and split_ending(p.name)[1]
-    )
-
-
 def match_cases(pred_dir: Path, ref_dir: Path) -> CaseMatch:
     """Matches prediction and reference files by file name (case id = name without the ending,
     so ``x.nii`` also matches ``x.nii.gz``).
@@ -63,12 +50,12 @@ def match_cases(pred_dir: Path, ref_dir: Path) -> CaseMatch:
     if not refs:
         raise ValueError(f"no NIfTI reference files (.nii.gz/.nii) in '{ref_dir}'.")
     preds: dict[str, Path] = {}
-    for path in list_nifti(pred_dir):  # .nii.gz sorts before .nii: the exact name wins below
-        preds.setdefault(split_ending(path.name)[0], path)
+    for path in list_nifti(pred_dir):  # x.nii sorts before x.nii.gz; an exact name wins below
+        preds.setdefault(strip_nifti_suffix(path.name), path)
     match = CaseMatch()
     ref_ids = set()
     for ref in refs:
-        case_id = split_ending(ref.name)[0]
+        case_id = strip_nifti_suffix(ref.name)
         ref_ids.add(case_id)
         exact = Path(pred_dir) / ref.name
         if exact.is_file():
@@ -82,16 +69,19 @@ def match_cases(pred_dir: Path, ref_dir: Path) -> CaseMatch:
 
 
 def load_label_map(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """Loads a NIfTI label map as an integer array ``(D, H, W)`` plus its image (header, affine)."""
+    """A label map (:func:`segshare.data.io.read_label_map`) as a non-negative integer array
+    ``(D, H, W)`` (uint8 when its labels fit) plus its image (header, affine).
+
+    Raises:
+        ValueError: the file is unreadable, not 3D or holds non-integer or negative labels (the
+            message names the file).
+    """
     try:
-        img = nib.load(str(path))
-        array = np.asanyarray(img.dataobj)
-    except Exception as err:  # nibabel raises many types for broken files
-        raise ValueError(f"cannot read NIfTI file '{path}': {err}") from err
-    if array.ndim == 4 and array.shape[3] == 1:
-        array = array[..., 0]
-    if array.ndim != 3:
-        raise ValueError(f"label map '{path}' must be 3D, got shape {array.shape}.")
+        array, img = read_label_map(path)
+    except NiftiReadError as err:
+        raise ValueError(
+            f"cannot read NIfTI file '{path}': {str(err).removeprefix(f'{path}: ')}"
+        ) from err
     array = as_label_array(array, f"label map '{path}'")
     if array.max(initial=0) < 256:
         array = array.astype(np.uint8, copy=False)
@@ -175,56 +165,30 @@ def evaluate_case(
     }
 
 
+def _evaluate_task(task: dict) -> dict:
+    return evaluate_case(**task)
+
+
 def run_cases(tasks: list[dict], num_workers: int, progress: bool = True) -> list[dict]:
     """Runs :func:`evaluate_case` on ``tasks`` (keyword dicts); in processes if ``num_workers > 1``.
 
-    Results keep the order of ``tasks``. Workers use the ``spawn`` start method, so calling this
-    after TensorFlow has started threads (training, prediction) is safe.
+    Results keep the order of ``tasks``. Workers start as :func:`segshare.data.parallel.mp_context`
+    says (``spawn`` once TensorFlow is imported), so calling this from training is safe.
     """
-    bar = tqdm(total=len(tasks), desc="evaluate", unit="case", disable=not progress)
-    results: list[dict | None] = [None] * len(tasks)
-    try:
-        if num_workers <= 1 or len(tasks) <= 1:
-            for i, task in enumerate(tasks):
-                results[i] = evaluate_case(**task)
-                bar.update()
-        else:
-            ctx = multiprocessing.get_context(_start_method())
-            with ProcessPoolExecutor(min(num_workers, len(tasks)), mp_context=ctx) as pool:
-                futures = {pool.submit(evaluate_case, **task): i for i, task in enumerate(tasks)}
-                try:
-                    for future in as_completed(futures):
-                        results[futures[future]] = future.result()
-                        bar.update()
-                except BaseException:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
-    finally:
-        bar.close()
-    return results  # type: ignore[return-value]
-
-
-def _start_method() -> str:
-    # spawn is safe after TensorFlow started threads, but re-imports ``__main__`` by path; a
-    # main module read from stdin has no such path, so fall back to fork there.
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    return "fork" if main_file and not os.path.exists(main_file) else "spawn"
-
-
-def default_num_workers() -> int:
-    """Worker processes by default: the CPUs this process may use, at most 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 8))
+    return list(
+        parallel_map(_evaluate_task, tasks, num_workers, "evaluate", progress, ordered=True)
+    )
 
 
 def load_label_names(ref_dir: Path, dataset_json: Path | None = None) -> dict[int, str]:
-    """Label names from a ``dataset.json`` (nnU-Net ``{name: int}`` or MSD ``{"1": name}``).
+    """Label names from a ``dataset.json`` (:func:`segshare.data.discovery.parse_labels`).
 
     Looks at ``dataset_json`` when given, else in ``ref_dir`` and its parent. Returns ``{}`` when
     no file is found; region labels (lists) are skipped.
+
+    Raises:
+        FileNotFoundError: ``dataset_json`` is given and does not exist.
+        ValueError: the file is not valid JSON or its ``labels`` is not a mapping.
     """
     if dataset_json is not None:
         candidates = [Path(dataset_json)]
@@ -235,23 +199,21 @@ def load_label_names(ref_dir: Path, dataset_json: Path | None = None) -> dict[in
     for path in candidates:
         if path.is_file():
             try:
-                labels = json.loads(path.read_text()).get("labels", {})
-            except (json.JSONDecodeError, AttributeError) as err:
-                raise ValueError(f"cannot read labels from '{path}': {err}") from err
-            names: dict[int, str] = {}
-            for key, value in labels.items():
-                if isinstance(value, int):  # nnU-Net: name -> int
-                    names[value] = str(key)
-                elif str(key).isdigit():  # MSD: "1" -> name
-                    names[int(key)] = str(value)
-            return names
+                meta = read_json(path)
+                if not isinstance(meta, dict):
+                    raise ValueError(f"{path}: top level must be an object")
+                labels = parse_labels(meta.get("labels", {}), str(path))
+            except ValueError as err:
+                message = str(err).removeprefix(f"{path}: ")
+                raise ValueError(f"cannot read labels from '{path}': {message}") from err
+            return {value: name for name, value in labels.items()}
     return {}
 
 
 def find_image(images_dir: Path, case_id: str) -> Path | None:
     """The first-channel image of a case: ``{case}_0000.nii.gz`` (nnU-Net) or ``{case}.nii.gz``."""
     for stem in (f"{case_id}_0000", case_id):
-        for ending in NIFTI_ENDINGS:
+        for ending in NIFTI_SUFFIXES:
             path = Path(images_dir) / f"{stem}{ending}"
             if path.is_file():
                 return path

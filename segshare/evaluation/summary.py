@@ -11,26 +11,11 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from segshare.data.io import write_text_atomic
 from segshare.evaluation.metrics import ALL_METRICS, aggregate_means, global_overlap
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Writes ``data`` to a temporary file next to ``path``, then ``os.replace``s it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_summary(
@@ -98,7 +83,7 @@ def _strictify(obj):
 def write_summary_json(summary: dict, path: Path, strict: bool = False) -> None:
     """Writes ``summary`` with sorted keys (nnU-Net: ``NaN`` tokens; ``strict``: ``null``)."""
     data = _strictify(summary) if strict else summary
-    atomic_write(path, json.dumps(data, sort_keys=True, indent=4, allow_nan=not strict) + "\n")
+    write_text_atomic(json.dumps(data, sort_keys=True, indent=4, allow_nan=not strict) + "\n", path)
 
 
 CSV_COLUMNS = (
@@ -134,4 +119,4 @@ def write_metrics_csv(summary: dict, path: Path) -> None:
                         case["prediction_file"],
                     ]
                 )
-    atomic_write(path, buf.getvalue())
+    write_text_atomic(buf.getvalue(), path)

@@ -3,41 +3,33 @@
 A checkpoint is a folder (``checkpoints/latest``, ``checkpoints/best``) holding
 ``model.weights.h5``, ``optimizer.npz`` (every optimizer variable, in order) and ``state.json``
 (epoch, best metric, learning rate, seeds). It is written to ``<name>.tmp`` and swapped into
-place, so a process killed at any moment leaves the previous checkpoint whole.
+place by :func:`segshare.data.io.atomic_folder`, so a process killed at any moment leaves the
+previous checkpoint whole (at ``<name>`` or, mid-swap, at ``<name>.old``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from segshare.data.io import atomic_folder
+
 WEIGHTS, OPTIMIZER, STATE = "model.weights.h5", "optimizer.npz", "state.json"
 
 
 def save_checkpoint(folder: Path, model: keras.Model, optimizer, state: dict) -> None:
-    """Write model, optimizer and ``state`` to ``folder`` atomically."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_weights(tmp / WEIGHTS)
-    arrays = {f"v{i:04d}": keras.ops.convert_to_numpy(v) for i, v in enumerate(optimizer.variables)}
-    np.savez(tmp / OPTIMIZER, **arrays)
-    (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
-    for f in tmp.iterdir():  # data on disk before the swap
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write model, optimizer and ``state`` to ``folder`` atomically
+    (:func:`segshare.data.io.atomic_folder`: the previous checkpoint stays whole until the swap)."""
+    with atomic_folder(folder) as tmp:
+        model.save_weights(tmp / WEIGHTS)
+        arrays = {
+            f"v{i:04d}": keras.ops.convert_to_numpy(v) for i, v in enumerate(optimizer.variables)
+        }
+        np.savez(tmp / OPTIMIZER, **arrays)
+        (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
 def find_checkpoint(folder: Path) -> Path | None:

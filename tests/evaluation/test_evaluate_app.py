@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
-from segshare.evaluate import evaluate_folders, run
+from segshare.evaluate import run
+from segshare.evaluation import evaluate_folders
 from segshare.evaluation.metrics import compute_case_metrics
 
 from .conftest import HIPPOCAMPUS, SPACING, blob_labels, save_label

@@ -1,0 +1,177 @@
+"""Evaluate a folder of predicted label maps against a folder of references.
+
+:func:`evaluate_folders` is the plain function behind ``segshare-evaluate`` that the training and
+prediction apps call. It writes ``summary.json`` (nnU-Net's shape), ``metrics.csv`` (tidy) and, by
+default, ``report.md`` and a self-contained ``report.html`` (matplotlib is imported only then).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from segshare.data.parallel import default_num_workers
+from segshare.evaluation.runner import (
+    CaseMatch,
+    absent_label_metrics,
+    find_image,
+    load_label_names,
+    match_cases,
+    run_cases,
+)
+from segshare.evaluation.summary import build_summary, write_metrics_csv, write_summary_json
+from segshare.evaluation.surface import HD95_VARIANTS
+
+
+def check_labels(labels: int | Sequence[int] | None) -> list[int] | None:
+    """``labels`` as a sorted list of distinct positive integers (``None`` stays ``None``).
+
+    Raises:
+        ValueError: a label is not a positive whole number (the message quotes ``labels``).
+    """
+    if labels is None:
+        return None
+    if isinstance(labels, int):
+        labels = [labels]
+    try:
+        out = sorted({int(v) for v in labels})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"labels must be a list of positive integers, got {labels!r}.") from err
+    if not out or any(v <= 0 for v in out) or any(float(v) != v for v in labels):
+        raise ValueError(f"labels must be a list of positive integers, got {list(labels)!r}.")
+    return out
+
+
+def _case_tasks(match: CaseMatch, common: dict, missing_as_empty: bool) -> list[dict]:
+    """Keyword arguments of :func:`~segshare.evaluation.runner.evaluate_case`, one dict a case."""
+    tasks = [dict(case_id=c, ref_path=r, pred_path=p, **common) for c, r, p in match.pairs]
+    if missing_as_empty:
+        tasks += [
+            dict(case_id=c, ref_path=r, pred_path=p, pred_missing=True, **common)
+            for c, r, p in match.missing
+        ]
+        tasks.sort(key=lambda t: t["case_id"])
+    return tasks
+
+
+def _complete_cases(
+    tasks: list[dict], cases: list[dict], labels: list[int] | None, ref_dir: Path
+) -> list[int]:
+    """Marks missing predictions and gives every case a row for every label; returns the labels
+    (default: every nonzero label found in the references).
+
+    Raises:
+        ValueError: no label was given and the references hold none.
+    """
+    for task, case in zip(tasks, cases, strict=True):
+        case["prediction_missing"] = bool(task.get("pred_missing"))
+    if labels is None:
+        labels = sorted({v for case in cases for v in case["ref_labels"]})
+        if cases and not labels:
+            raise ValueError(
+                f"the references in '{ref_dir}' hold no nonzero label; "
+                "pass labels=[...] to score them."
+            )
+    for case in cases:
+        case["metrics"] = {
+            k: case["metrics"].get(k) or absent_label_metrics(case["num_voxels"]) for k in labels
+        }
+    return labels
+
+
+def _write_report(summary: dict, output_dir: Path, images_dir: str | Path | None) -> None:
+    """``report.md``/``report.html`` with pictures (overlays when ``images_dir`` is given)."""
+    from segshare.evaluation.report import write_report  # matplotlib only when needed
+
+    images = None
+    if images_dir is not None:
+        if not Path(images_dir).is_dir():
+            raise FileNotFoundError(f"images folder not found: '{images_dir}'.")
+        images = {
+            c["case_id"]: find_image(Path(images_dir), c["case_id"])
+            for c in summary["metric_per_case"]
+        }
+    write_report(summary, output_dir, images=images)
+
+
+def evaluate_folders(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    output_dir: str | Path,
+    labels: Sequence[int] | None = None,
+    images_dir: str | Path | None = None,
+    nsd_tolerance_mm: float = 1.0,
+    hd95: str = "monai",
+    num_workers: int | None = None,
+    *,
+    dataset_json: str | Path | None = None,
+    strict_json: bool = False,
+    missing_as_empty: bool = False,
+    progress: bool = True,
+    report: bool = True,
+) -> dict:
+    """Scores every reference in ``ref_dir`` against the same-named file in ``pred_dir``.
+
+    Args:
+        pred_dir: folder of predicted label maps (``.nii.gz``/``.nii``).
+        ref_dir: folder of reference label maps; cases are matched by file name.
+        output_dir: where ``summary.json``, ``metrics.csv``, ``report.md``/``.html`` go.
+        labels: positive labels to score; default every nonzero label found in the references.
+        images_dir: optional images for the overlay montages of the report.
+        nsd_tolerance_mm: normalised surface Dice tolerance (mm).
+        hd95: ``"monai"`` (max of directed 95th percentiles) or ``"medpy"`` (pooled).
+        num_workers: worker processes; default
+            :func:`segshare.data.parallel.default_num_workers` (the usable CPUs, at most 8).
+        dataset_json: file with label names; default ``dataset.json`` in ``ref_dir`` or its parent.
+        strict_json: write NaN/inf as ``null`` (default: nnU-Net's ``NaN``/``Infinity`` tokens).
+        missing_as_empty: score a missing prediction as all background (default: leave the case
+            out of the means; it is listed and counted either way).
+        progress: show a tqdm progress bar.
+        report: also write ``report.md``/``report.html`` (with pictures).
+
+    Returns:
+        The summary dictionary written to ``summary.json`` (label keys are strings).
+
+    Raises:
+        ValueError: unreadable files, a prediction whose shape or affine differs from its
+            reference (naming both), bad arguments.
+        FileNotFoundError: a folder does not exist.
+    """
+    if hd95 not in HD95_VARIANTS:
+        raise ValueError(f"hd95 must be one of {HD95_VARIANTS}, got {hd95!r}.")
+    if not float(nsd_tolerance_mm) >= 0:
+        raise ValueError(f"nsd_tolerance_mm must be >= 0, got {nsd_tolerance_mm!r}.")
+    labels = check_labels(labels)
+    pred_dir, ref_dir, output_dir = Path(pred_dir), Path(ref_dir), Path(output_dir)
+    match = match_cases(pred_dir, ref_dir)
+    names = load_label_names(ref_dir, dataset_json)
+    common = {"labels": labels, "nsd_tolerance_mm": float(nsd_tolerance_mm), "hd95": hd95}
+    tasks = _case_tasks(match, common, missing_as_empty)
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    cases = run_cases(tasks, workers, progress=progress)
+    labels = _complete_cases(tasks, cases, labels, ref_dir)
+    settings = {
+        "pred_dir": str(pred_dir),
+        "ref_dir": str(ref_dir),
+        "hd95": hd95,
+        "nsd_tolerance_mm": float(nsd_tolerance_mm),
+        "missing_as_empty": missing_as_empty,
+        "spacing_source": "reference header zooms (mm)",
+        "nan_means": "nanmean",
+    }
+    summary = build_summary(
+        cases,
+        labels,
+        label_names=names,
+        missing=[
+            {"case_id": c, "reference_file": str(r), "prediction_file": str(p)}
+            for c, r, p in match.missing
+        ],
+        unmatched=[str(u) for u in match.unmatched],
+        settings=settings,
+    )
+    write_summary_json(summary, output_dir / "summary.json", strict=strict_json)
+    write_metrics_csv(summary, output_dir / "metrics.csv")
+    if report:
+        _write_report(summary, output_dir, images_dir)
+    return summary
