@@ -214,11 +214,9 @@ def validate_dataset(
         files = [*case.images, *([case.label] if case.label else [])]
         if all(is_inside(dataset.root, f) for f in files):  # never open files outside the root
             jobs.append((case, allowed, max_voxels, affine_tol, n_ch, i))
-    order = {c.case_id: i for i, c in enumerate(dataset.cases)}
-    results = sorted(
-        parallel_map(_check_star, jobs, num_workers, "validate", progress),
-        key=lambda r: order[r.case_id],
-    )  # report in case order, not finishing order
+    results = parallel_map(  # report in case order, not finishing order
+        _check_star, jobs, num_workers, "validate", progress, ordered=True
+    )
     stats = {}
     for res in results:
         problems.extend(res.problems)
