@@ -12,7 +12,6 @@ written; the failures are listed and saved in ``output/failures.json``), 2 on a 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -23,47 +22,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from segshare.cli import exit_on_user_error
 from segshare.inference.predictor import PredictReport
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def _roi_size(cfg: DictConfig, config_path: Path | None) -> tuple[int, int, int]:
-    """The window size: ``inference.roi_size``, else the run's training ``data.patch_size``.
-
-    The window arguments (``overlap``, ``sw_batch_size``) are checked here too, so a bad value
-    is a setup error rather than a failure of every case.
-    """
-    from segshare.inference.sliding_window import check_window_args
-
-    roi = cfg.inference.roi_size
-    if roi is None and config_path is not None:
-        roi = OmegaConf.select(OmegaConf.load(config_path), "data.patch_size")
-    if roi is None:
-        raise ValueError(
-            "inference.roi_size is not set and the run folder has no config.yaml with "
-            "data.patch_size; pass inference.roi_size=[D,H,W]."
-        )
-    roi = roi if isinstance(roi, int) else list(roi)
-    return check_window_args(roi, cfg.overlap, cfg.sw_batch_size)
-
-
-def _check_window(predict_fn, roi: tuple[int, ...], channels: int, num_classes: int) -> None:
-    """Predict one empty window up front (also traces the model once) to catch a bad roi_size."""
-    import numpy as np
-
-    try:
-        out = predict_fn(np.zeros((1, *roi, channels), np.float32))
-    except Exception as err:  # noqa: BLE001 - backend errors vary; the first line is enough
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(
-            f"roi_size={list(roi)}: the model cannot predict a window of this size ({first}); "
-            f"U-Nets need sizes divisible by 2**(stages - 1)."
-        ) from None
-    if out.shape != (1, *roi, num_classes):
-        raise ValueError(
-            f"the model maps a (1, {', '.join(map(str, roi))}, {channels}) window to "
-            f"{out.shape}, expected (1, {', '.join(map(str, roi))}, {num_classes}) (plan.json)."
-        )
 
 
 def run(cfg: DictConfig) -> PredictReport:
@@ -78,44 +36,25 @@ def run(cfg: DictConfig) -> PredictReport:
     Raises:
         ValueError: On a setup problem (model, plan, input path, option); the message names it.
     """
+    from segshare.cli import instantiate
     from segshare.data.discovery import discover_images
-    from segshare.data.preprocessing import Plan
-    from segshare.inference.model_io import load_model_safely, make_predict_fn, resolve_run
-    from segshare.inference.predictor import (
-        Predictor,
-        failures_file_name,
-        predict_cases,
-        select_shard,
-    )
+    from segshare.inference.predictor import failures_file_name, predict_cases, select_shard
+    from segshare.inference.trained_run import load_trained_run
 
-    index, count = cfg.shard.index, cfg.shard.count
-    files = resolve_run(cfg.model_path)
-    plan = Plan.load(files.plan)
-    roi = _roi_size(cfg, files.config)
-    cases = select_shard(discover_images(cfg.input, plan.in_channels), index, count)
+    index, count = cfg.shard.index, cfg.shard.count  # checked by select_shard
+    window = instantiate(cfg.window)  # a bad window is a setup error, not a failure per case
+    trained = load_trained_run(cfg.model_path)
+    cases = select_shard(discover_images(cfg.input, trained.in_channels), index, count)
     output = Path(cfg.output).resolve()
     if any(p.resolve().parent == output for c in cases for p in c.images):
         raise ValueError(
             f"output={cfg.output!r} is the folder of the input scans: predictions named like the "
             f"scans would be taken for finished outputs. Choose another output folder."
         )
-    model = load_model_safely(files.model)
-    channels = model.inputs[0].shape[-1] if getattr(model, "inputs", None) else None
-    if channels is not None and channels != plan.in_channels:
-        raise ValueError(
-            f"{files.model}: the model takes {channels} channels but {files.plan} says "
-            f"{plan.in_channels}."
-        )
-    mirror_axes = [int(a) + 1 for a in cfg.inference.mirror_axes]
-    predict_fn = make_predict_fn(model, tta=bool(cfg.tta), mirror_axes=mirror_axes)
-    _check_window(predict_fn, roi, plan.in_channels, plan.num_classes)
-    predictor = Predictor(
-        predict_fn,
-        plan,
-        roi,
-        overlap=float(cfg.overlap),
-        sw_batch_size=int(cfg.sw_batch_size),
-        sigma_scale=float(cfg.inference.sigma_scale),
+    predictor = trained.predictor(
+        window,
+        tta=bool(cfg.tta),
+        mirror_axes=list(cfg.inference.mirror_axes),
         progress=bool(cfg.inference.progress),
         max_voxels=int(cfg.inference.max_voxels),
     )

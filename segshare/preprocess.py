@@ -9,14 +9,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from segshare.cli import exit_on_user_error
+from segshare.cli import exit_on_user_error, instantiate
 from segshare.data.prepare import PreparedData, prepare_dataset
 from segshare.data.validation import DatasetError
 
 
 def run(cfg: DictConfig) -> PreparedData:
     """Prepare ``cfg.data`` and print a summary; raises ``DatasetError`` on bad data."""
-    prepared = prepare_dataset(cfg.data, progress=bool(cfg.get("progress", True)))
+    prepared = prepare_dataset(instantiate(cfg.data), progress=bool(cfg.progress))
     plan, fp = prepared.plan, prepared.fingerprint
     print(f"dataset       {prepared.dataset.root} ({fp['num_cases']} cases)")
     print(f"labels        {plan.labels}")

@@ -3,24 +3,64 @@ image and its label.
 
 Spatial: random flips, rotation and scaling (one affine resampling: image linear, label nearest),
 optional elastic deformation (smoothed random displacements). Intensity (image only): Gaussian
-noise, Gaussian blur, brightness, contrast, gamma. Each has its probability in the config
-(``conf/data/default.yaml`` ``augment``); missing keys count as "off".
+noise, Gaussian blur, brightness, contrast, gamma. Each has its probability and range in
+:class:`AugmentSettings` (the app's values: ``conf/data/augment/default.yaml``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
 
-def _get(cfg: Mapping[str, Any] | None, key: str, default: Any = 0.0) -> Any:
-    if cfg is None:
-        return default
-    value = cfg.get(key, default)
-    return default if value is None else value
+@dataclass(frozen=True)
+class AugmentSettings:
+    """Probabilities and ranges of every transform. ``AugmentSettings()`` changes nothing: every
+    probability is 0 and every range the identity; the tuned values live in the app's config.
+
+    Attributes:
+        p_flip: probability of flipping each spatial axis.
+        p_rotation, rotation_deg: probability of a rotation, and its maximum angle about each axis.
+        p_scale, scale_range: probability of an isotropic scaling, and its factor range.
+        p_elastic, elastic_alpha, elastic_sigma: probability of an elastic deformation, its
+            maximum displacement (voxels) and the smoothing (voxels) of its field.
+        p_noise, noise_std: additive Gaussian noise and its standard deviation range.
+        p_blur, blur_sigma: Gaussian blur and its sigma range (voxels).
+        p_brightness, brightness_range: multiplicative brightness and its factor range.
+        p_contrast, contrast_range: contrast about the mean and its factor range.
+        p_gamma, gamma_range: gamma on intensities rescaled to [0, 1] and its range.
+    """
+
+    p_flip: float = 0.0
+    p_rotation: float = 0.0
+    rotation_deg: float = 0.0
+    p_scale: float = 0.0
+    scale_range: tuple[float, float] = (1.0, 1.0)
+    p_elastic: float = 0.0
+    elastic_alpha: float = 0.0
+    elastic_sigma: float = 1.0
+    p_noise: float = 0.0
+    noise_std: tuple[float, float] = (0.0, 0.0)
+    p_blur: float = 0.0
+    blur_sigma: tuple[float, float] = (0.0, 0.0)
+    p_brightness: float = 0.0
+    brightness_range: tuple[float, float] = (1.0, 1.0)
+    p_contrast: float = 0.0
+    contrast_range: tuple[float, float] = (1.0, 1.0)
+    p_gamma: float = 0.0
+    gamma_range: tuple[float, float] = (1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if name.startswith("p_") and not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"data.augment.{name} must be in [0, 1], got {value!r}.")
+            if name.endswith(("_range", "_std", "_sigma")) and not isinstance(value, float | int):
+                if len(value) != 2 or float(value[0]) > float(value[1]):
+                    raise ValueError(f"data.augment.{name} must be [low, high], got {value!r}.")
+                object.__setattr__(self, name, (float(value[0]), float(value[1])))
 
 
 def rotation_matrix(angles: np.ndarray) -> np.ndarray:
@@ -33,22 +73,22 @@ def rotation_matrix(angles: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _spatial_matrix(cfg, rng: np.random.Generator) -> np.ndarray | None:
+def _spatial_matrix(cfg: AugmentSettings, rng: np.random.Generator) -> np.ndarray | None:
     """Output->input coordinate matrix for rotation/scaling, or None when neither is drawn."""
     mat, used = np.eye(3), False
-    if rng.random() < float(_get(cfg, "p_rotation")):
-        deg = float(_get(cfg, "rotation_deg", 15.0))
+    if rng.random() < cfg.p_rotation:
+        deg = float(cfg.rotation_deg)
         mat = rotation_matrix(np.deg2rad(rng.uniform(-deg, deg, 3))) @ mat
         used = True
-    if rng.random() < float(_get(cfg, "p_scale")):
-        lo, hi = _get(cfg, "scale_range", (0.85, 1.25))
+    if rng.random() < cfg.p_scale:
+        lo, hi = cfg.scale_range
         mat = mat / rng.uniform(lo, hi)  # zoom in by s = sample input at coords / s
         used = True
     return mat if used else None
 
 
-def _elastic(shape, cfg, rng: np.random.Generator) -> list[np.ndarray]:
-    alpha, sigma = float(_get(cfg, "elastic_alpha", 4.0)), float(_get(cfg, "elastic_sigma", 3.0))
+def _elastic(shape, cfg: AugmentSettings, rng: np.random.Generator) -> list[np.ndarray]:
+    alpha, sigma = float(cfg.elastic_alpha), float(cfg.elastic_sigma)
     fields = []
     for _ in range(3):
         f = ndimage.gaussian_filter(rng.uniform(-1, 1, shape), sigma)
@@ -56,14 +96,15 @@ def _elastic(shape, cfg, rng: np.random.Generator) -> list[np.ndarray]:
     return fields
 
 
-def spatial_margin(cfg: Mapping[str, Any] | None, patch_size: Sequence[int]) -> tuple[int, ...]:
+def spatial_margin(cfg: AugmentSettings | None, patch_size: Sequence[int]) -> tuple[int, ...]:
     """Voxels to add on each side of a patch so that the largest configured rotation, zoom-out
     and elastic displacement still sample real data, not padding (nnU-Net samples such a larger
     patch and crops the centre after the spatial transform). Zero when no spatial transform."""
     patch = np.asarray(patch_size, dtype=float)
-    rot = float(_get(cfg, "rotation_deg", 15.0)) if float(_get(cfg, "p_rotation")) > 0 else 0.0
-    s_min = min(_get(cfg, "scale_range", (1.0, 1.0))) if float(_get(cfg, "p_scale")) > 0 else 1.0
-    alpha = float(_get(cfg, "elastic_alpha", 4.0)) if float(_get(cfg, "p_elastic")) > 0 else 0.0
+    cfg = cfg or AugmentSettings()
+    rot = float(cfg.rotation_deg) if cfg.p_rotation > 0 else 0.0
+    s_min = min(cfg.scale_range) if cfg.p_scale > 0 else 1.0
+    alpha = float(cfg.elastic_alpha) if cfg.p_elastic > 0 else 0.0
     if rot == 0 and s_min >= 1 and alpha == 0:
         return (0,) * len(patch)
     extent = patch.copy()
@@ -76,7 +117,7 @@ def spatial_margin(cfg: Mapping[str, Any] | None, patch_size: Sequence[int]) -> 
 def spatial_augment(
     image: np.ndarray,
     label: np.ndarray,
-    cfg: Mapping[str, Any] | None,
+    cfg: AugmentSettings,
     rng: np.random.Generator,
     out_shape: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +131,7 @@ def spatial_augment(
     shape = tuple(image.shape[:3])
     out_shape = shape if out_shape is None else tuple(int(s) for s in out_shape)
     mat = _spatial_matrix(cfg, rng)
-    disp = _elastic(out_shape, cfg, rng) if rng.random() < float(_get(cfg, "p_elastic")) else None
+    disp = _elastic(out_shape, cfg, rng) if rng.random() < cfg.p_elastic else None
     c_in, c_out = (np.asarray(shape) - 1) / 2, (np.asarray(out_shape) - 1) / 2
     if mat is not None or disp is not None:
         mat = np.eye(3) if mat is None else mat
@@ -115,30 +156,30 @@ def spatial_augment(
         )
         image, label = image[crop], label[crop]
     for ax in range(3):
-        if rng.random() < float(_get(cfg, "p_flip")):
+        if rng.random() < cfg.p_flip:
             image, label = np.flip(image, ax), np.flip(label, ax)
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
 def intensity_augment(
-    image: np.ndarray, cfg: Mapping[str, Any] | None, rng: np.random.Generator
+    image: np.ndarray, cfg: AugmentSettings, rng: np.random.Generator
 ) -> np.ndarray:
     """Noise, blur, brightness, contrast and gamma on a ``(D, H, W, C)`` float32 image."""
     image = image.astype(np.float32, copy=True)
-    if rng.random() < float(_get(cfg, "p_noise")):
-        std = rng.uniform(*_get(cfg, "noise_std", (0.0, 0.1)))
+    if rng.random() < cfg.p_noise:
+        std = rng.uniform(*cfg.noise_std)
         image += rng.normal(0.0, std, image.shape).astype(np.float32)
-    if rng.random() < float(_get(cfg, "p_blur")):
-        sigma = rng.uniform(*_get(cfg, "blur_sigma", (0.5, 1.0)))
+    if rng.random() < cfg.p_blur:
+        sigma = rng.uniform(*cfg.blur_sigma)
         image = ndimage.gaussian_filter(image, sigma=(sigma, sigma, sigma, 0))
-    if rng.random() < float(_get(cfg, "p_brightness")):
-        image *= rng.uniform(*_get(cfg, "brightness_range", (0.75, 1.25)))
-    if rng.random() < float(_get(cfg, "p_contrast")):
-        factor = rng.uniform(*_get(cfg, "contrast_range", (0.75, 1.25)))
+    if rng.random() < cfg.p_brightness:
+        image *= rng.uniform(*cfg.brightness_range)
+    if rng.random() < cfg.p_contrast:
+        factor = rng.uniform(*cfg.contrast_range)
         mean, lo, hi = image.mean(), image.min(), image.max()
         image = np.clip((image - mean) * factor + mean, lo, hi)
-    if rng.random() < float(_get(cfg, "p_gamma")):
-        gamma = rng.uniform(*_get(cfg, "gamma_range", (0.7, 1.5)))
+    if rng.random() < cfg.p_gamma:
+        gamma = rng.uniform(*cfg.gamma_range)
         lo, hi = image.min(), image.max()
         rng_span = max(hi - lo, 1e-8)
         image = np.power((image - lo) / rng_span, gamma) * rng_span + lo
@@ -148,7 +189,7 @@ def intensity_augment(
 def augment(
     image: np.ndarray,
     label: np.ndarray,
-    cfg: Mapping[str, Any] | None,
+    cfg: AugmentSettings | None,
     rng: np.random.Generator,
     out_shape: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -157,12 +198,12 @@ def augment(
     Args:
         image: ``(D, H, W, C)`` float32 patch.
         label: ``(D, H, W)`` integer patch.
-        cfg: the ``augment`` config (None: no augmentation).
+        cfg: the settings (None: no augmentation).
         rng: the random generator (the only source of randomness).
         out_shape: output patch size when the input carries a :func:`spatial_margin`.
     """
     if cfg is None and out_shape is None:
         return image, label
-    cfg = cfg or {}
+    cfg = cfg or AugmentSettings()
     image, label = spatial_augment(image, label, cfg, rng, out_shape)
     return intensity_augment(image, cfg, rng), label

@@ -1,5 +1,6 @@
 """Feeding training batches: a ``tf.data`` pipeline (TensorFlow backend) or a
-``keras.utils.PyDataset`` (any backend, e.g. JAX).
+``keras.utils.PyDataset`` (any backend, e.g. JAX); :class:`TrainingFeed` gives the training loop
+one fold's batches and validation cases.
 
 Batch ``i`` is drawn with the generator ``numpy.random.default_rng([seed, i])``, so the stream of
 batches is reproducible whatever the number of parallel workers and their scheduling.
@@ -8,12 +9,14 @@ batches is reproducible whatever the number of parallel workers and their schedu
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from segshare.data.augment import augment, spatial_margin
+from segshare.data.augment import AugmentSettings, augment, spatial_margin
+from segshare.data.cache import load_cached_case
+from segshare.data.prepare import DataSettings, PreparedData
 from segshare.data.sampling import PatchSampler
 
 
@@ -25,38 +28,25 @@ class BatchMaker:
         self,
         sampler: PatchSampler,
         batch_size: int,
-        augment_cfg: Mapping[str, Any] | None,
+        augmentation: AugmentSettings | None,
         seed: int,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.sampler, self.batch_size, self.seed = sampler, int(batch_size), int(seed)
-        self.augment_cfg = _plain(augment_cfg)
-        self.margin = spatial_margin(self.augment_cfg, sampler.patch_size)
+        self.augmentation = augmentation
+        self.margin = spatial_margin(augmentation, sampler.patch_size)
 
     def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, int(index)])
         x, y = self.sampler.sample_batch(self.batch_size, rng, self.margin)
-        if self.augment_cfg is None:
+        if self.augmentation is None:
             return x, y
         pairs = [
-            augment(x[b], y[b], self.augment_cfg, rng, self.sampler.patch_size)
+            augment(x[b], y[b], self.augmentation, rng, self.sampler.patch_size)
             for b in range(len(x))
         ]
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-
-
-def _plain(cfg: Any) -> dict | None:
-    if cfg is None:
-        return None
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(cfg):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(cfg)
 
 
 def _tf_dataset(maker: BatchMaker, patch_size: Sequence[int], channels: int, workers: int):
@@ -106,7 +96,7 @@ def make_training_data(
     batch_size: int,
     *,
     oversample_foreground: float = 1 / 3,
-    augment_cfg: Mapping[str, Any] | None = None,
+    augmentation: AugmentSettings | None = None,
     seed: int = 0,
     backend: str = "auto",
     num_workers: int = 2,
@@ -121,7 +111,7 @@ def make_training_data(
         patch_size: ``(D, H, W)``.
         batch_size: patches per batch.
         oversample_foreground: share of each batch forced onto foreground.
-        augment_cfg: the ``data.augment`` config; None disables augmentation.
+        augmentation: the augmentation of each patch; None disables it.
         seed: seed of the batch stream.
         backend: ``"tf"`` (``tf.data.Dataset``: parallel map, prefetch, endless), ``"pydataset"``
             (``keras.utils.PyDataset`` with ``steps_per_epoch`` batches per epoch), or
@@ -131,7 +121,7 @@ def make_training_data(
         use_multiprocessing: PyDataset workers as processes instead of threads.
     """
     sampler = PatchSampler(cache_dir, case_ids, patch_size, oversample_foreground)
-    maker = BatchMaker(sampler, batch_size, augment_cfg, seed)
+    maker = BatchMaker(sampler, batch_size, augmentation, seed)
     if backend == "auto":
         import keras
 
@@ -141,3 +131,48 @@ def make_training_data(
     if backend == "pydataset":
         return _py_dataset(maker, int(steps_per_epoch), int(num_workers), use_multiprocessing)
     raise ValueError(f"backend must be 'auto', 'tf' or 'pydataset', got {backend!r}")
+
+
+@dataclass(frozen=True)
+class TrainingFeed:
+    """The training batches and the validation cases of one fold of a prepared dataset.
+
+    Attributes:
+        prepared: the prepared dataset (cache, fold split).
+        data: the data settings (patch, batch, oversampling, augmentation, workers).
+        seed: the run's seed; epoch ``e`` draws batches from ``seed * 10007 + e``.
+        steps_per_epoch: batches per epoch (the PyDataset's length).
+        max_val_cases: validate on at most this many of the fold's validation cases (None: all).
+    """
+
+    prepared: PreparedData
+    data: DataSettings
+    seed: int
+    steps_per_epoch: int
+    max_val_cases: int | None = None
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        """The training patch ``(D, H, W)``."""
+        return tuple(int(p) for p in self.data.patch_size)
+
+    def batches(self, epoch: int):
+        """The batches of ``epoch`` (see :func:`make_training_data`)."""
+        return make_training_data(
+            self.prepared.cache_dir,
+            self.prepared.train_ids,
+            self.patch_size,
+            int(self.data.batch_size),
+            oversample_foreground=float(self.data.oversample_foreground),
+            augmentation=self.data.augment,
+            seed=int(self.seed) * 10007 + epoch,
+            num_workers=int(self.data.num_workers),
+            steps_per_epoch=int(self.steps_per_epoch),
+        )
+
+    def validation_cases(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """``(case_id, image (D, H, W, C), label (D, H, W))`` of the validated cases, cached."""
+        ids = list(self.prepared.val_ids)[: self.max_val_cases]
+        for case_id in ids:
+            image, label, _ = load_cached_case(self.prepared.cache_dir, case_id)
+            yield case_id, image, label

@@ -1,4 +1,4 @@
-"""One call from a data config to cached, split training data: :func:`prepare_dataset`.
+"""One call from the data settings to cached, split training data: :func:`prepare_dataset`.
 
 validate (every problem at once) -> fingerprint -> plan -> cache (parallel, keyed, reused) -> split.
 Used by ``segshare-preprocess`` and by training, so both refuse the same bad data.
@@ -11,16 +11,64 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
+from segshare.data.augment import AugmentSettings
 from segshare.data.cache import preprocess_dataset
 from segshare.data.discovery import Dataset, discover_dataset
 from segshare.data.fingerprint import build_fingerprint, make_plan
 from segshare.data.io import read_json, write_json_atomic
 from segshare.data.preprocessing import Plan
 from segshare.data.splits import get_split
-from segshare.data.synthetic import ensure_dataset
+from segshare.data.synthetic import SyntheticSpec, ensure_dataset
 from segshare.data.validation import DatasetError, Problem, dataset_signature, validate_dataset
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The ``data`` config group as one object (``conf/data/default.yaml``): where the dataset is,
+    how it is validated, planned and split, and how training patches are drawn from it.
+
+    Attributes:
+        root: dataset folder (MSD or nnU-Net raw layout, or ``imagesTr/`` + ``labelsTr/``).
+        preprocessed_dir: where ``fingerprint.json``, ``plan.json``, ``splits.json`` and the
+            cache go.
+        fold: cross-validation fold (``0..num_folds-1``) or ``"all"``.
+        num_folds: folds written to ``splits.json``.
+        split_seed: seed of the fold split.
+        num_workers: worker processes (validation, caching) and parallel input-pipeline calls.
+        revalidate: re-read every file even when none changed since the last clean validation.
+        max_voxels: refuse a file whose header declares more voxels.
+        target_spacing: preprocessed voxel spacing (mm, RAS); None = planned from the data.
+        normalization: ``"zscore"``/``"ct"`` (all channels, or one per channel); None = by
+            channel name.
+        anisotropy_threshold: spacing ratio above which one axis is resampled separately.
+        patch_size: training patch ``(D, H, W)`` on the preprocessed grid.
+        batch_size: patches per batch.
+        oversample_foreground: share of each batch forced onto foreground.
+        augment: the augmentation of training patches.
+        synthetic: the dataset generated at a missing ``root`` (None: never generate).
+    """
+
+    root: str
+    preprocessed_dir: str
+    fold: int | str
+    num_folds: int
+    split_seed: int
+    num_workers: int
+    revalidate: bool
+    max_voxels: int
+    target_spacing: list[float] | None
+    normalization: list[str] | str | None
+    anisotropy_threshold: float
+    patch_size: list[int]
+    batch_size: int
+    oversample_foreground: float
+    augment: AugmentSettings
+    synthetic: SyntheticSpec | None
+
+    def __post_init__(self) -> None:
+        fold, n = self.fold, int(self.num_folds)
+        if fold not in ("all", -1) and not (isinstance(fold, int) and 0 <= fold < n):
+            raise ValueError(f"data.fold must be in [0, {n - 1}] or 'all', got {fold!r}")
 
 
 @dataclass
@@ -42,24 +90,19 @@ def _infer_labels(stats: dict[str, dict]) -> dict[str, int]:
     return {("background" if v == 0 else f"label_{v}"): v for v in values}
 
 
-def _opt(cfg: Any, key: str, default: Any = None) -> Any:
-    value = cfg.get(key, default)
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-
-
 def _validated_fingerprint(
-    dataset: Dataset, cfg: Any, out: Path, workers: int, progress: bool
+    dataset: Dataset, settings: DataSettings, out: Path, progress: bool
 ) -> dict[str, Any]:
     """Validate (skipped when no file changed since the last clean validation, unless
     ``data.revalidate``) and return the fingerprint; raises DatasetError listing every problem."""
-    max_voxels = int(cfg.get("max_voxels", 512**3))
+    max_voxels = int(settings.max_voxels)
     signature = dataset_signature(dataset, max_voxels)
     sig_path, fp_path = out / "validated.json", out / "fingerprint.json"
-    if not cfg.get("revalidate", False) and sig_path.exists() and fp_path.exists():
+    if not settings.revalidate and sig_path.exists() and fp_path.exists():
         if read_json(sig_path) == json.loads(json.dumps(signature)):
             return read_json(fp_path)
     problems, stats = validate_dataset(
-        dataset, max_voxels=max_voxels, num_workers=workers, progress=progress
+        dataset, max_voxels=max_voxels, num_workers=settings.num_workers, progress=progress
     )
     if problems:
         raise DatasetError(problems, dataset.root)
@@ -72,49 +115,46 @@ def _validated_fingerprint(
     return fingerprint
 
 
-def prepare_dataset(data_cfg: Any, progress: bool = True) -> PreparedData:
-    """Validate, fingerprint, plan, cache and split the dataset of ``data_cfg``.
+def prepare_dataset(settings: DataSettings, progress: bool = True) -> PreparedData:
+    """Validate, fingerprint, plan, cache and split the dataset of ``settings``.
 
     Args:
-        data_cfg: the ``data`` config group (``conf/data/*.yaml``; a dict is accepted too).
+        settings: the data settings (``conf/data/*.yaml``, instantiated).
         progress: show progress bars.
 
     Returns:
         The :class:`PreparedData`. ``fingerprint.json``, ``plan.json`` and ``splits.json`` are
-        written to ``data_cfg.preprocessed_dir``; the cache below it.
+        written to ``settings.preprocessed_dir``; the cache below it.
 
     Raises:
         DatasetError: listing every problem found (each naming its file).
     """
-    cfg = OmegaConf.create(data_cfg) if isinstance(data_cfg, dict) else data_cfg
     try:
-        root = ensure_dataset(cfg)
+        root = ensure_dataset(settings.root, settings.synthetic)
         dataset = discover_dataset(root)
     except ValueError as err:
         raise DatasetError(
-            [Problem(str(cfg.root), str(err).split(": ", 1)[-1])], cfg.root
+            [Problem(str(settings.root), str(err).split(": ", 1)[-1])], settings.root
         ) from None
-    workers = int(cfg.get("num_workers", 2))
-    fold, n_folds = cfg.get("fold", 0), int(cfg.get("num_folds", 5))
-    if fold not in ("all", -1) and not (isinstance(fold, int) and 0 <= fold < n_folds):
-        raise ValueError(f"data.fold must be in [0, {n_folds - 1}] or 'all', got {fold!r}")
-    out = Path(str(cfg.preprocessed_dir))
-    fingerprint = _validated_fingerprint(dataset, cfg, out, workers, progress)
+    out = Path(str(settings.preprocessed_dir))
+    fingerprint = _validated_fingerprint(dataset, settings, out, progress)
     dataset.labels = dict(fingerprint["labels"])
     plan = make_plan(
         fingerprint,
         dataset.labels,
-        target_spacing=_opt(cfg, "target_spacing"),
-        normalization=_opt(cfg, "normalization"),
-        anisotropy_threshold=float(cfg.get("anisotropy_threshold", 3.0)),
+        target_spacing=settings.target_spacing,
+        normalization=settings.normalization,
+        anisotropy_threshold=float(settings.anisotropy_threshold),
     )
     plan.save(out / "plan.json")
+    workers = int(settings.num_workers)
     cache_dir = preprocess_dataset(dataset, out, plan, num_workers=workers, progress=progress)
+    fold = settings.fold
     train_ids, val_ids = get_split(
         out,
         dataset.case_ids,
         fold if fold == "all" else int(fold),
-        seed=int(cfg.get("split_seed", 12345)),
-        n_folds=n_folds,
+        seed=int(settings.split_seed),
+        n_folds=int(settings.num_folds),
     )
     return PreparedData(plan, cache_dir, train_ids, val_ids, dataset, fingerprint, out)

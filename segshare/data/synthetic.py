@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -174,27 +175,43 @@ def generate_synthetic_dataset(
     return out
 
 
-def ensure_dataset(data_cfg: Any) -> Path:
-    """Return ``data_cfg.root``, generating the synthetic dataset there first when it is missing
-    and ``data_cfg.synthetic.generate_if_missing`` is true.
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """The synthetic dataset to generate at a dataset root that does not exist yet
+    (``conf/data/synthetic/phantoms.yaml``); fields as :func:`generate_synthetic_dataset`.
+
+    Attributes:
+        generate_if_missing: generate at a missing root; False: a missing root is an error.
+    """
+
+    generate_if_missing: bool
+    num_cases: int
+    num_test_cases: int
+    seed: int
+    shape_range: tuple[int, int]
+    spacing_range: tuple[float, float]
+    num_organs: int
+    num_channels: int
+
+    def generate(self, out_dir: str | os.PathLike, overwrite: bool = True) -> Path:
+        """Write this dataset to ``out_dir`` (see :func:`generate_synthetic_dataset`)."""
+        fields = {k: v for k, v in asdict(self).items() if k != "generate_if_missing"}
+        fields["shape_range"] = tuple(int(v) for v in fields["shape_range"])
+        fields["spacing_range"] = tuple(float(v) for v in fields["spacing_range"])
+        return generate_synthetic_dataset(out_dir, overwrite=overwrite, **fields)
+
+
+def ensure_dataset(root: str | os.PathLike, synthetic: SyntheticSpec | None = None) -> Path:
+    """Return ``root``, generating ``synthetic`` there first when the folder is missing and
+    ``synthetic.generate_if_missing`` is true.
 
     Raises:
         ValueError: the root does not exist and is not to be generated.
     """
-    root = Path(str(data_cfg.root))
-    syn = data_cfg.get("synthetic") if hasattr(data_cfg, "get") else None
-    if not root.exists() and syn is not None and syn.get("generate_if_missing", False):
-        generate_synthetic_dataset(
-            root,
-            num_cases=int(syn.num_cases),
-            seed=int(syn.seed),
-            shape_range=tuple(syn.shape_range),
-            spacing_range=tuple(syn.spacing_range),
-            num_organs=int(syn.num_organs),
-            num_channels=int(syn.get("num_channels", 1)),
-            num_test_cases=int(syn.get("num_test_cases", 0)),
-            overwrite=False,  # a concurrent run (multirun, joblib) may have made it meanwhile
-        )
+    root = Path(root)
+    if not root.exists() and synthetic is not None and synthetic.generate_if_missing:
+        # a concurrent run (multirun, joblib) may have made it meanwhile: never overwrite
+        synthetic.generate(root, overwrite=False)
     if not root.exists():
         raise ValueError(f"data.root: dataset folder {root} does not exist")
     return root

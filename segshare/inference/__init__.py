@@ -1,0 +1,1 @@
+"""Inference: trained runs (the loader), safe model loading, sliding windows, case prediction."""

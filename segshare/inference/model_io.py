@@ -1,8 +1,7 @@
-"""Loading a trained model safely and turning it into a fast batched ``predict_fn``.
+"""Loading a Keras model safely and turning it into a fast batched ``predict_fn``.
 
-A trained run folder (from ``segshare-train``) holds ``model.keras``, ``plan.json`` (the
-preprocessing Plan) and ``config.yaml``. ``model_path`` may name the folder or the ``.keras`` file
-(with ``plan.json`` beside it).
+A whole trained run (model, plan, window) is read by
+:func:`segshare.inference.trained_run.load_trained_run`, which uses these two.
 """
 
 from __future__ import annotations
@@ -11,49 +10,10 @@ import itertools
 import json
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-MODEL_FILE = "model.keras"
-PLAN_FILE = "plan.json"
-CONFIG_FILE = "config.yaml"
-
-
-@dataclass
-class RunFiles:
-    """Where the pieces of a trained run live."""
-
-    model: Path
-    plan: Path
-    config: Path | None
-
-
-def resolve_run(model_path: str | Path) -> RunFiles:
-    """Find ``model.keras``, ``plan.json`` and ``config.yaml`` from a run folder or model file.
-
-    Raises:
-        ValueError: When the model file or the plan beside it is missing.
-    """
-    path = Path(model_path).expanduser()
-    model = path / MODEL_FILE if path.is_dir() else path
-    if not model.is_file():
-        raise ValueError(
-            f"model_path={str(model_path)!r}: no model found (expected a .keras file or a run "
-            f"folder holding {MODEL_FILE})."
-        )
-    if model.suffix != ".keras":
-        raise ValueError(f"model_path={str(model_path)!r}: expected a Keras 3 '.keras' file.")
-    plan = model.parent / PLAN_FILE
-    if not plan.is_file():
-        raise ValueError(
-            f"{model}: no {PLAN_FILE} beside it; the preprocessing plan of the training run is "
-            f"needed to predict (copy it from the run folder)."
-        )
-    config = model.parent / CONFIG_FILE
-    return RunFiles(model=model, plan=plan, config=config if config.is_file() else None)
 
 
 def load_model_safely(path: str | Path) -> Any:

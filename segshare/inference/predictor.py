@@ -31,7 +31,7 @@ from segshare.data.discovery import Case
 from segshare.data.io import atomic_target, save_nifti_atomic, write_json_atomic
 from segshare.data.preprocessing import Plan, preprocess_case, restore_to_original
 from segshare.data.validation import DEFAULT_MAX_VOXELS, check_geometry, open_headers
-from segshare.inference.sliding_window import sliding_window_inference
+from segshare.inference.sliding_window import WindowSettings
 
 FAILURES_FILE = "failures.json"
 NIFTI_INTENT_LABEL = 1002
@@ -139,10 +139,7 @@ class Predictor:
         predict_fn: ``(B, *roi, C)`` float32 -> ``(B, *roi, K)`` probabilities (see
             :func:`segshare.inference.model_io.make_predict_fn`).
         plan: The preprocessing plan the model was trained with.
-        roi_size: Sliding-window size on the preprocessed grid (the training patch size).
-        overlap: Window overlap in ``[0, 1)``.
-        sw_batch_size: Windows per model call.
-        sigma_scale: Gaussian sigma as a fraction of ``roi_size``.
+        window: The sliding window, its ``roi_size`` set (usually the training patch size).
         progress: Show a progress bar over the windows of each case.
         max_voxels: Refuse a scan whose header declares more voxels (before reading it).
     """
@@ -151,18 +148,15 @@ class Predictor:
         self,
         predict_fn: Callable[[np.ndarray], np.ndarray],
         plan: Plan,
-        roi_size: Sequence[int],
+        window: WindowSettings,
         *,
-        overlap: float = 0.5,
-        sw_batch_size: int = 2,
-        sigma_scale: float = 0.125,
         progress: bool = False,
         max_voxels: int = DEFAULT_MAX_VOXELS,
     ):
-        self.predict_fn, self.plan, self.max_voxels = predict_fn, plan, int(max_voxels)
-        self.roi_size = tuple(int(r) for r in roi_size)
-        self.overlap, self.sw_batch_size = float(overlap), int(sw_batch_size)
-        self.sigma_scale, self.progress = float(sigma_scale), bool(progress)
+        if window.roi_size is None:
+            raise ValueError("Predictor: the window's roi_size must be set.")
+        self.predict_fn, self.plan, self.window = predict_fn, plan, window
+        self.progress, self.max_voxels = bool(progress), int(max_voxels)
 
     def load(self, case: Case) -> tuple[np.ndarray, dict[str, Any], nib.Nifti1Image]:
         """Read and preprocess a case: ``(image (D, H, W, C) float32, properties, source)``.
@@ -194,16 +188,7 @@ class Predictor:
 
     def predict_array(self, image: np.ndarray) -> np.ndarray:
         """Probabilities ``(D, H, W, K)`` float32 for a preprocessed ``(D, H, W, C)`` image."""
-        return sliding_window_inference(
-            image,
-            self.predict_fn,
-            self.roi_size,
-            overlap=self.overlap,
-            sw_batch_size=self.sw_batch_size,
-            sigma_scale=self.sigma_scale,
-            num_classes=self.plan.num_classes,
-            progress=self.progress,
-        )
+        return self.window.predict(image, self.predict_fn, self.plan.num_classes, self.progress)
 
     def write(
         self,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -39,6 +40,62 @@ def check_window_args(
     if int(sw_batch_size) != sw_batch_size or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be a positive integer, got {sw_batch_size!r}.")
     return tuple(int(r) for r in roi)
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """How a volume is tiled and blended (``conf/window/default.yaml``): one object for training's
+    validation, its final evaluation and ``segshare-predict``.
+
+    Attributes:
+        roi_size: window ``(d, h, w)`` on the preprocessed grid; None = the model's training
+            patch (resolved with :meth:`with_default_roi`).
+        overlap: fraction of a window shared with its neighbour along each axis, in ``[0, 1)``.
+        sw_batch_size: windows per model call.
+        sigma_scale: Gaussian sigma as a fraction of ``roi_size`` (nnU-Net: 1/8).
+
+    Raises:
+        ValueError: quoting a bad value (checked on construction).
+    """
+
+    roi_size: tuple[int, int, int] | None
+    overlap: float
+    sw_batch_size: int
+    sigma_scale: float
+
+    def __post_init__(self) -> None:
+        roi = check_window_args(
+            8 if self.roi_size is None else self.roi_size, self.overlap, self.sw_batch_size
+        )
+        if self.roi_size is not None:
+            object.__setattr__(self, "roi_size", roi)
+        if not float(self.sigma_scale) > 0:
+            raise ValueError(f"sigma_scale must be > 0, got {self.sigma_scale!r}.")
+
+    def with_default_roi(self, patch_size: Sequence[int]) -> WindowSettings:
+        """These settings with ``roi_size`` set to ``patch_size`` unless one was given."""
+        return self if self.roi_size is not None else replace(self, roi_size=tuple(patch_size))
+
+    def predict(
+        self,
+        volume: np.ndarray,
+        predict_fn: PredictFn,
+        num_classes: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """:func:`sliding_window_inference` of ``volume`` with these settings."""
+        if self.roi_size is None:
+            raise ValueError("roi_size is not set: call with_default_roi(patch_size) first.")
+        return sliding_window_inference(
+            volume,
+            predict_fn,
+            self.roi_size,
+            overlap=self.overlap,
+            sw_batch_size=self.sw_batch_size,
+            sigma_scale=self.sigma_scale,
+            num_classes=num_classes,
+            progress=progress,
+        )
 
 
 @lru_cache(maxsize=8)

@@ -10,11 +10,12 @@ Everything random is derived from ``(seed, epoch)``, so a resumed run continues 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -22,35 +23,57 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from segshare.data.io import write_text_atomic
+from segshare.data.pipeline import TrainingFeed
 from segshare.evaluation.overlap import overlap_metrics
 from segshare.inference.model_io import make_predict_fn
-from segshare.inference.sliding_window import sliding_window_inference
+from segshare.inference.sliding_window import WindowSettings
 from segshare.training.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
 from segshare.training.schedules import learning_rate_at
-from segshare.training.strategy import is_chief
+from segshare.training.strategy import is_chief, resolve_jit_compile
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoopSettings:
-    """What the loop needs from ``cfg.trainer`` (plain values, no Hydra)."""
+    """The loop's settings (``conf/trainer/default.yaml``; every value is set there).
+
+    Attributes:
+        max_epochs: epochs of the run (raising it on a resumed run extends the run).
+        epochs_per_run: stop after this many epochs in one invocation (None: run to the end).
+        steps_per_epoch: optimizer steps per epoch.
+        val_every: validate every N epochs (and after the last one).
+        max_val_cases: validate on at most this many of the fold's cases (None: all).
+        strategy: ``auto | default | mirrored | multi_worker`` (see ``training.strategy``).
+        precision: Keras dtype policy: ``float32 | mixed_float16 | mixed_bfloat16``.
+        jit_compile: XLA for the train step: True, False or ``"auto"`` (on with a GPU).
+        grad_clip_norm: clip gradients to this global norm (None: no clipping).
+        initial_lr: the learning rate of epoch 0, decayed by ``lr_schedule``.
+        lr_schedule: ``poly | constant``.
+        poly_exponent: exponent of the poly decay.
+        deterministic: deterministic TensorFlow ops.
+        seed: seed of every random step (weights, patches, augmentation).
+        progress: show progress bars.
+    """
 
     max_epochs: int
+    epochs_per_run: int | None
     steps_per_epoch: int
+    val_every: int
+    max_val_cases: int | None
+    strategy: str
+    precision: str
+    jit_compile: bool | str
+    grad_clip_norm: float | None
     initial_lr: float
-    epochs_per_run: int | None = None
-    lr_schedule: str = "poly"
-    poly_exponent: float = 0.9
-    val_every: int = 1
-    overlap: float = 0.5
-    sw_batch_size: int = 2
-    seed: int = 12345
-    jit_compile: bool = False
-    progress: bool = True
-    label_names: dict[int, str] = field(default_factory=dict)
+    lr_schedule: str
+    poly_exponent: float
+    deterministic: bool
+    seed: int
+    progress: bool
 
 
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
@@ -70,30 +93,44 @@ def _nanmean(values: np.ndarray) -> np.ndarray | float:
 
 
 class Trainer:
-    """Holds the model, optimizer, strategy and step; ``fit`` runs (or resumes) the epochs."""
+    """Holds the model, optimizer, strategy and step; ``fit`` runs (or resumes) the epochs.
+
+    Args:
+        model: the network (built under ``strategy.scope()``).
+        optimizer: its optimizer (built for the model's variables).
+        loss_fn: ``loss(labels, outputs)``.
+        feed: the fold's training batches and validation cases.
+        run_dir: the run folder (checkpoints, log, ``model.keras``, TensorBoard).
+        settings: the loop's settings.
+        window: the sliding window of validation (``roi_size`` None = the training patch).
+        strategy: the ``tf.distribute`` strategy (default: the current one).
+    """
 
     def __init__(
         self,
-        strategy: tf.distribute.Strategy,
         model: keras.Model,
         optimizer: keras.optimizers.Optimizer,
         loss_fn: Callable,
-        make_dataset: Callable[[int], tf.data.Dataset],
-        validation_cases: Callable[[], Sequence[tuple[str, np.ndarray, np.ndarray]]],
-        patch_size: Sequence[int],
-        num_classes: int,
+        feed: TrainingFeed,
         run_dir: Path,
         settings: LoopSettings,
+        window: WindowSettings,
+        *,
+        strategy: tf.distribute.Strategy | None = None,
     ):
-        self.strategy, self.model, self.optimizer = strategy, model, optimizer
-        self.loss_fn, self.make_dataset = loss_fn, make_dataset
-        self.validation_cases = validation_cases
-        self.patch_size, self.num_classes = tuple(patch_size), int(num_classes)
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.model, self.optimizer, self.loss_fn, self.feed = model, optimizer, loss_fn, feed
+        self.window = window.with_default_roi(feed.patch_size)
+        plan = feed.prepared.plan
+        self.num_classes = plan.num_classes
+        self.label_names = {value: name for name, value in plan.labels.items()}
         self.run_dir, self.s = Path(run_dir), settings
-        self.chief = is_chief(strategy)
+        self.chief = is_chief(self.strategy)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.log_path = self.run_dir / "train_log.csv"
-        self._train_step = tf.function(self._distributed_step, jit_compile=settings.jit_compile)
+        self._train_step = tf.function(
+            self._distributed_step, jit_compile=resolve_jit_compile(settings.jit_compile)
+        )
         self._predict = make_predict_fn(model)
 
     # -- steps -------------------------------------------------------------------------------
@@ -115,20 +152,14 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Sliding-window prediction of every validation case; mean Dice per class (nanmean)."""
         dices = []
-        for _case_id, image, label in self.validation_cases():
-            probs = sliding_window_inference(
-                np.asarray(image, dtype=np.float32),
-                self._predict,
-                self.patch_size,
-                overlap=self.s.overlap,
-                sw_batch_size=self.s.sw_batch_size,
-                num_classes=self.num_classes,
+        for _case_id, image, label in self.feed.validation_cases():
+            probs = self.window.predict(
+                np.asarray(image, dtype=np.float32), self._predict, self.num_classes
             )
             dices.append(dice_per_class(probs.argmax(-1), np.asarray(label), self.num_classes))
         mean = _nanmean(np.stack(dices) if dices else np.full((1, self.num_classes - 1), np.nan))
         result = {
-            f"val_dice_{self.s.label_names.get(k, k)}": float(v)
-            for k, v in enumerate(mean, start=1)
+            f"val_dice_{self.label_names.get(k, k)}": float(v) for k, v in enumerate(mean, start=1)
         }
         result["val_dice_fg_mean"] = float(_nanmean(mean))
         return result
@@ -154,13 +185,12 @@ class Trainer:
     def _write_log(self, rows: list[dict]) -> None:
         if not rows:
             return
-        tmp = self.log_path.with_suffix(".csv.tmp")
+        buffer = io.StringIO()
         fields = list(dict.fromkeys(key for row in rows for key in row))  # union, first-seen order
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fields, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.log_path)
+        writer = csv.DictWriter(buffer, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(buffer.getvalue(), self.log_path)
 
     def _append_log(self, row: dict) -> None:
         rows = []
@@ -198,7 +228,7 @@ class Trainer:
             )
             self.optimizer.learning_rate.assign(lr)
             keras.utils.set_random_seed(self.s.seed + epoch)
-            dataset = self.make_dataset(epoch)
+            dataset = self.feed.batches(epoch)
             iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
             losses = []
             bar = tqdm(

@@ -1,0 +1,65 @@
+"""The last step of training: the fold's validation cases predicted on their original grids by the
+trained run, as ``segshare-predict`` would, and scored as ``segshare-evaluate`` would.
+
+Writes ``validation/predictions/``, ``validation/references/`` (links to the labels, named like the
+predictions) and the evaluation report (``validation/summary.json`` ...) into the run folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from segshare.data.discovery import Case
+from segshare.evaluation import evaluate_folders
+from segshare.inference.predictor import predict_cases
+from segshare.inference.sliding_window import WindowSettings
+from segshare.inference.trained_run import load_trained_run
+
+
+def _reference_link(label: Path, target: Path) -> None:
+    """Expose a reference under the prediction's file name (a link, or a .nii.gz copy)."""
+    import nibabel as nib
+
+    if target.exists() or target.is_symlink():
+        target.unlink()
+    if label.name.endswith(".nii.gz"):
+        target.symlink_to(label.resolve())
+    else:
+        nib.save(nib.load(label), target)
+
+
+def evaluate_trained_run(
+    run_dir: Path,
+    cases: Sequence[Case],
+    window: WindowSettings,
+    dataset_json: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Predict ``cases`` (labelled) with the run in ``run_dir`` and evaluate them.
+
+    Args:
+        run_dir: a trained run (loaded with :func:`load_trained_run`, as for prediction).
+        cases: the cases to predict; each must have a label.
+        window: the sliding window (``roi_size`` None = the run's training patch).
+        dataset_json: the dataset's ``dataset.json`` (label names), if any.
+        progress: show progress bars.
+
+    Returns:
+        The evaluation summary (``validation/summary.json``).
+    """
+    out = Path(run_dir) / "validation"
+    pred_dir, ref_dir = out / "predictions", out / "references"
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    predictor = load_trained_run(run_dir).predictor(window)
+    predict_cases(predictor, cases, pred_dir, skip_existing=False, progress=progress)
+    for case in cases:
+        _reference_link(Path(case.label), ref_dir / f"{case.case_id}.nii.gz")
+    summary = evaluate_folders(
+        pred_dir, ref_dir, out, dataset_json=dataset_json, num_workers=1, progress=progress
+    )
+    dice = summary["foreground_mean"].get("Dice", float("nan"))
+    print(
+        f"Final validation ({len(cases)} cases, original geometry): foreground-mean Dice {dice:.4f}"
+    )
+    return summary
