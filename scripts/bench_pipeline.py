@@ -108,11 +108,13 @@ def bench_ct_case(tmp: Path) -> None:
 
 
 def bench_patches(cache_dir: Path, ids: list[str], patch, batch: int, n: int, workers: int):
+    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from segshare.data.pipeline import make_training_data
 
-    aug = OmegaConf.load(REPO / "conf" / "data" / "default.yaml").augment
+    aug_cfg = OmegaConf.load(REPO / "conf" / "data" / "augment" / "default.yaml")
+    aug = instantiate(aug_cfg, _convert_="all")  # the shipped augmentation
     out = {}
     for backend in ("tf", "pydataset"):
         ds = make_training_data(
@@ -120,7 +122,7 @@ def bench_patches(cache_dir: Path, ids: list[str], patch, batch: int, n: int, wo
             ids,
             patch,
             batch,
-            augment_cfg=aug,
+            augmentation=aug,
             seed=0,
             backend=backend,
             num_workers=workers,

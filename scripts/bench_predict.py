@@ -138,6 +138,7 @@ def run_hippo(repeats: int, num_cases: int = 5) -> dict:
     from segshare.data.preprocessing import Plan
     from segshare.inference.model_io import make_predict_fn
     from segshare.inference.predictor import Predictor, predict_cases
+    from segshare.inference.sliding_window import WindowSettings
 
     if not HIPPO.is_dir():
         return {"scenario": "hippo", "skipped": f"{HIPPO} not found"}
@@ -150,7 +151,8 @@ def run_hippo(repeats: int, num_cases: int = 5) -> dict:
         in_channels=1,
         num_classes=3,
     )
-    predictor = Predictor(make_predict_fn(benchmark_network()), plan, (48, 64, 48))
+    window = WindowSettings(roi_size=(48, 64, 48), overlap=0.5, sw_batch_size=2, sigma_scale=0.125)
+    predictor = Predictor(make_predict_fn(benchmark_network()), plan, window)
     predictor.predict_array(np.zeros((48, 64, 48, 1), np.float32))  # trace once
     per_case = []
     for _ in range(repeats):
@@ -212,6 +214,7 @@ def run_ct_file(repeats: int, target_spacing=None) -> dict:
     from segshare.data.discovery import Case
     from segshare.data.preprocessing import Plan
     from segshare.inference.predictor import Predictor, predict_cases
+    from segshare.inference.sliding_window import WindowSettings
 
     shape, spacing = (512, 512, 300), (0.8, 0.8, 2.5)
     plan = Plan(
@@ -229,7 +232,8 @@ def run_ct_file(repeats: int, target_spacing=None) -> dict:
         nib.save(nib.Nifti1Image(data, np.diag([*spacing, 1.0])), str(scan))
         del data
         base = peak_rss_mb()
-        predictor = Predictor(cheap_predict_fn, plan, (128, 128, 128))
+        window = WindowSettings((128, 128, 128), overlap=0.5, sw_batch_size=2, sigma_scale=0.125)
+        predictor = Predictor(cheap_predict_fn, plan, window)
         report = predict_cases(predictor, [Case("ct", (scan,))], Path(tmp) / "out", progress=False)
         if report.failed:
             raise RuntimeError(report.failed)

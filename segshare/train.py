@@ -16,23 +16,19 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from segshare.cli import exit_on_user_error, instantiate
+from segshare.data.pipeline import TrainingFeed
+from segshare.data.prepare import prepare_dataset
+from segshare.data.validation import DatasetError
+from segshare.models import check_patch_size, format_parameter_report, parameter_report
+from segshare.training.loop import Trainer, TrainingDiverged
+from segshare.training.run_folder import check_resumable, write_run_files
+from segshare.training.strategy import configure_runtime, is_chief, make_strategy, with_loss_scaling
+from segshare.training.validation import evaluate_fold
+
 
 def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     """Train (or resume) the run described by ``cfg``; returns (last metrics row, objects)."""
-    from segshare.cli import instantiate
-    from segshare.data.pipeline import TrainingFeed
-    from segshare.data.prepare import prepare_dataset
-    from segshare.models import check_patch_size, format_parameter_report, parameter_report
-    from segshare.training.loop import Trainer
-    from segshare.training.run_folder import check_resumable, write_run_files
-    from segshare.training.strategy import (
-        configure_runtime,
-        is_chief,
-        make_strategy,
-        with_loss_scaling,
-    )
-    from segshare.training.validation import evaluate_trained_run
-
     settings = instantiate(cfg.trainer)
     strategy = make_strategy(settings.strategy)  # before any other TensorFlow work
     configure_runtime(settings.seed, settings.precision, settings.deterministic)
@@ -56,22 +52,12 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     if is_chief(strategy):
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         write_run_files(run_dir, plan, feed.patch_size, report, config_yaml)
-    trainer = Trainer(
-        model, optimizer, instantiate(cfg.loss), feed, run_dir, settings, window, strategy=strategy
-    )
+    loss = instantiate(cfg.loss)
+    trainer = Trainer(model, optimizer, loss, feed, run_dir, settings, window, strategy=strategy)
     last = trainer.fit()
     objects = {"model": model, "run_dir": run_dir, "prepared": prepared, "report": report}
     if cfg.final_evaluation and is_chief(strategy) and prepared.val_ids:
-        # All of the fold's validation cases, even when epochs validate on fewer.
-        cases = [c for c in prepared.dataset.cases if c.case_id in set(prepared.val_ids)]
-        dataset_json = Path(prepared.dataset.root) / "dataset.json"
-        summary = evaluate_trained_run(
-            run_dir,
-            cases,
-            window,
-            dataset_json if dataset_json.exists() else None,
-            progress=settings.progress,
-        )
+        summary = evaluate_fold(run_dir, prepared, window, progress=settings.progress)
         last["final_val_dice_fg_mean"] = summary["foreground_mean"].get("Dice", float("nan"))
         objects["summary"] = summary
     return last, objects
@@ -79,10 +65,6 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path="pkg://segshare.conf", config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
-    from segshare.cli import exit_on_user_error
-    from segshare.data.validation import DatasetError
-    from segshare.training.loop import TrainingDiverged
-
     with exit_on_user_error(
         "segshare-train", [(DatasetError, 2), ((TrainingDiverged, ValueError), 1)]
     ):

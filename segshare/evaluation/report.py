@@ -62,6 +62,15 @@ def case_score(case: dict) -> float:
 
 def build_blocks(summary: dict, pictures: dict[str, bytes], title: str) -> list[Block]:
     """The report's content as a list of blocks (shared by Markdown and HTML)."""
+    return [
+        *_overview_blocks(summary, title),
+        *_statistics_blocks(summary, pictures),
+        *_case_blocks(summary, pictures),
+    ]
+
+
+def _overview_blocks(summary: dict, title: str) -> list[Block]:
+    """Title, what was compared and how, and the foreground and per-label means."""
     cases, names = summary["metric_per_case"], summary["labels"]
     settings = summary.get("settings", {})
     blocks: list[Block] = [("h1", title)]
@@ -95,6 +104,13 @@ def build_blocks(summary: dict, pictures: dict[str, bytes], title: str) -> list[
             + ".",
         )
     )
+    return blocks
+
+
+def _statistics_blocks(summary: dict, pictures: dict[str, bytes]) -> list[Block]:
+    """Box plots and the statistics of every label and metric."""
+    cases, names = summary["metric_per_case"], summary["labels"]
+    blocks: list[Block] = []
     if "boxplots" in pictures:
         blocks.append(("h2", "Dice and HD95 per label"))
         blocks.append(("image", ("boxplots.png", "Box plots of Dice and HD95 per label")))
@@ -111,7 +127,13 @@ def build_blocks(summary: dict, pictures: dict[str, bytes], title: str) -> list[
                 ]
             )
     blocks.append(("table", (["metric", "label", "mean", "sd", "median", "n", "n_inf"], rows)))
-    blocks.append(("h2", f"Worst cases (lowest mean Dice, up to {NUM_WORST})"))
+    return blocks
+
+
+def _case_blocks(summary: dict, pictures: dict[str, bytes]) -> list[Block]:
+    """The worst cases, the overlays, missing and unmatched predictions."""
+    cases, names = summary["metric_per_case"], summary["labels"]
+    blocks: list[Block] = [("h2", f"Worst cases (lowest mean Dice, up to {NUM_WORST})")]
     ranked = sorted(cases, key=lambda c: (math.isnan(case_score(c)), case_score(c)))
     header = ["case", "mean Dice"] + [f"Dice {k}" for k in names] + [f"HD95 {k}" for k in names]
     rows = [

@@ -229,49 +229,18 @@ def _remove_stale_temporaries(output_dir: Path, case_ids: Sequence[str]) -> None
                 tmp.unlink(missing_ok=True)
 
 
-def predict_cases(
+def _predict_overlapped(
     predictor: Predictor,
-    cases: Sequence[Case],
-    output_dir: str | os.PathLike,
-    *,
-    save_probabilities: bool = False,
-    skip_existing: bool = True,
-    failures_name: str = FAILURES_FILE,
-    progress: bool = True,
-) -> PredictReport:
-    """Predict every case into ``output_dir``; one bad case never stops the others.
-
-    Reading/preprocessing of the next case and restoring/writing of the previous one run in
-    background threads while the current case is computed. Existing outputs are skipped, so a
-    re-run after a crash only does the missing cases. Failures (file and reason) are returned and
-    written to ``output_dir/failures_name`` (an empty list when none failed).
-
-    Args:
-        predictor: The configured :class:`Predictor`.
-        cases: The cases to predict (already sharded).
-        output_dir: Destination folder (created).
-        save_probabilities: Also write ``<case>.npz`` with the class probabilities.
-        skip_existing: Skip cases whose ``<case>.nii.gz`` (and ``.npz`` if asked) exist.
-        failures_name: File name of the failure list inside ``output_dir``.
-        progress: Show a progress bar over cases.
-
-    Returns:
-        A :class:`PredictReport`.
-    """
+    todo: Sequence[Case],
+    out: Path,
+    save_probabilities: bool,
+    report: PredictReport,
+    progress: bool,
+) -> None:
+    """Predict ``todo`` into ``out``, reading the next case and writing the last one in background
+    threads; each case's outcome goes into ``report`` (a failure never stops the others)."""
     from tqdm.auto import tqdm
 
-    start = time.perf_counter()
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    report = PredictReport()
-    todo = []
-    for case in cases:
-        nii, npz = output_paths(out, case.case_id)
-        if skip_existing and nii.exists() and (npz.exists() or not save_probabilities):
-            report.skipped.append(case.case_id)
-        else:
-            todo.append(case)
-    _remove_stale_temporaries(out, [c.case_id for c in todo])
     lock = threading.Lock()
 
     def fail(case: Case, err: BaseException) -> None:
@@ -310,6 +279,50 @@ def predict_cases(
             del probs
             bar.update(1)
     bar.close()
+
+
+def predict_cases(
+    predictor: Predictor,
+    cases: Sequence[Case],
+    output_dir: str | os.PathLike,
+    *,
+    save_probabilities: bool = False,
+    skip_existing: bool = True,
+    failures_name: str = FAILURES_FILE,
+    progress: bool = True,
+) -> PredictReport:
+    """Predict every case into ``output_dir``; one bad case never stops the others.
+
+    Reading/preprocessing of the next case and restoring/writing of the previous one run in
+    background threads while the current case is computed. Existing outputs are skipped, so a
+    re-run after a crash only does the missing cases. Failures (file and reason) are returned and
+    written to ``output_dir/failures_name`` (an empty list when none failed).
+
+    Args:
+        predictor: The configured :class:`Predictor`.
+        cases: The cases to predict (already sharded).
+        output_dir: Destination folder (created).
+        save_probabilities: Also write ``<case>.npz`` with the class probabilities.
+        skip_existing: Skip cases whose ``<case>.nii.gz`` (and ``.npz`` if asked) exist.
+        failures_name: File name of the failure list inside ``output_dir``.
+        progress: Show a progress bar over cases.
+
+    Returns:
+        A :class:`PredictReport`.
+    """
+    start = time.perf_counter()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = PredictReport()
+    todo = []
+    for case in cases:
+        nii, npz = output_paths(out, case.case_id)
+        if skip_existing and nii.exists() and (npz.exists() or not save_probabilities):
+            report.skipped.append(case.case_id)
+        else:
+            todo.append(case)
+    _remove_stale_temporaries(out, [c.case_id for c in todo])
+    _predict_overlapped(predictor, todo, out, save_probabilities, report, progress)
     report.failed.sort(key=lambda f: f["case_id"])
     write_json_atomic(report.failed, out / failures_name)
     report.seconds = time.perf_counter() - start

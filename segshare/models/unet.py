@@ -108,22 +108,10 @@ def build_unet(
     spatial = tuple(patch_size) if patch_size is not None else (None,) * spatial_dims
     inputs = keras.Input((*spatial, in_channels), name="image")
     skips = encoder(inputs)
+    decoder_outputs = _decoder(
+        skips, features, spatial_dims, decoder_blocks, norm, activation, negative_slope, use_bias
+    )
     conv = keras.layers.Conv3D if spatial_dims == 3 else keras.layers.Conv2D
-    up = keras.layers.Conv3DTranspose if spatial_dims == 3 else keras.layers.Conv2DTranspose
-    x = skips[-1]
-    decoder_outputs = []
-    for s in range(len(features) - 2, -1, -1):
-        prefix = f"decoder_stage{s}"
-        x = up(features[s], 2, strides=2, use_bias=use_bias, name=f"{prefix}_upconv")(x)
-        x = keras.layers.Concatenate(name=f"{prefix}_concat")([x, skips[s]])
-        for j in range(1, decoder_blocks + 1):
-            x = conv(features[s], 3, padding="same", use_bias=use_bias, name=f"{prefix}_conv{j}")(x)
-            x = make_norm(norm, f"{prefix}_conv{j}_norm")(x)
-            x = make_activation(activation, negative_slope, f"{prefix}_conv{j}_act")(x)
-        decoder_outputs.append(x)
-    if not decoder_outputs:  # a single stage: the encoder output feeds the head
-        decoder_outputs.append(x)
-    decoder_outputs.reverse()  # full resolution first
     logits = conv(num_classes, 1, name="head", dtype="float32")(decoder_outputs[0])
     outputs = logits
     if deep_supervision:
@@ -132,6 +120,36 @@ def build_unet(
             for i, feat in enumerate(decoder_outputs[1:], start=1)
         ]
     return keras.Model(inputs, outputs, name=name or f"unet_{sharing}")
+
+
+def _decoder(
+    skips: list,
+    features: tuple[int, ...],
+    spatial_dims: int,
+    decoder_blocks: int,
+    norm: str,
+    activation: str,
+    negative_slope: float,
+    use_bias: bool,
+) -> list:
+    """The unshared decoder: per stage a transposed-conv up, the skip concat and conv-norm-act
+    units. Returns each stage's output, full resolution first."""
+    conv = keras.layers.Conv3D if spatial_dims == 3 else keras.layers.Conv2D
+    up = keras.layers.Conv3DTranspose if spatial_dims == 3 else keras.layers.Conv2DTranspose
+    x = skips[-1]
+    outputs = []
+    for s in range(len(features) - 2, -1, -1):
+        prefix = f"decoder_stage{s}"
+        x = up(features[s], 2, strides=2, use_bias=use_bias, name=f"{prefix}_upconv")(x)
+        x = keras.layers.Concatenate(name=f"{prefix}_concat")([x, skips[s]])
+        for j in range(1, decoder_blocks + 1):
+            x = conv(features[s], 3, padding="same", use_bias=use_bias, name=f"{prefix}_conv{j}")(x)
+            x = make_norm(norm, f"{prefix}_conv{j}_norm")(x)
+            x = make_activation(activation, negative_slope, f"{prefix}_conv{j}_act")(x)
+        outputs.append(x)
+    if not outputs:  # a single stage: the encoder output feeds the head
+        outputs.append(x)
+    return outputs[::-1]
 
 
 def count_unique_params(model: keras.Model, trainable_only: bool = True) -> int:

@@ -226,27 +226,7 @@ class Trainer:
                 self.s.lr_schedule,
                 self.s.poly_exponent,
             )
-            self.optimizer.learning_rate.assign(lr)
-            keras.utils.set_random_seed(self.s.seed + epoch)
-            dataset = self.feed.batches(epoch)
-            iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
-            losses = []
-            bar = tqdm(
-                range(self.s.steps_per_epoch),
-                desc=f"epoch {epoch + 1}/{self.s.max_epochs}",
-                disable=not (self.s.progress and self.chief),
-                leave=False,
-            )
-            for _ in bar:
-                loss = float(self._train_step(iterator))
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"Loss became {loss} in epoch {epoch}; stopped. The last good checkpoint "
-                        f"is kept in {self.ckpt_dir / 'latest'}."
-                    )
-                losses.append(loss)
-                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-            row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": lr}
+            row = {"epoch": epoch, "train_loss": self._train_epoch(epoch, lr), "lr": lr}
             if self.chief and (
                 (epoch + 1) % self.s.val_every == 0 or epoch + 1 == self.s.max_epochs
             ):
@@ -255,39 +235,62 @@ class Trainer:
                 if math.isfinite(score) and score > best:
                     best = score
                     self._save_best()
-                    save_checkpoint(
-                        self.ckpt_dir / "best",
-                        self.model,
-                        self.optimizer,
-                        self._state(epoch, best, lr),
-                    )
+                    self._checkpoint("best", epoch, best, lr)
             row["best_val_dice_fg_mean"] = best if math.isfinite(best) else float("nan")
             row["seconds"] = round(time.perf_counter() - t0, 2)
             if self.chief:
-                self._append_log(row)
-                save_checkpoint(
-                    self.ckpt_dir / "latest",
-                    self.model,
-                    self.optimizer,
-                    self._state(epoch, best, lr),
-                )
-                with writer.as_default(step=epoch):
-                    for key, value in row.items():
-                        if key != "epoch":
-                            tf.summary.scalar(key, value)
-                writer.flush()
-                print(
-                    " ".join(
-                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in row.items()
-                    )
-                )
+                self._record(row, writer)
+                self._checkpoint("latest", epoch, best, lr)
             last = row
         if stop < self.s.max_epochs and self.chief:
             print(f"Stopped after epoch {stop - 1} (trainer.epochs_per_run); rerun to continue.")
         if self.chief and not (self.run_dir / "model.keras").exists():
             self._save_best()  # no validation score yet: keep the last model
         return last
+
+    def _train_epoch(self, epoch: int, lr: float) -> float:
+        """The optimizer steps of ``epoch`` at learning rate ``lr``; returns the mean loss.
+
+        Raises:
+            TrainingDiverged: the loss became NaN or infinite.
+        """
+        self.optimizer.learning_rate.assign(lr)
+        keras.utils.set_random_seed(self.s.seed + epoch)
+        dataset = self.feed.batches(epoch)
+        iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
+        losses = []
+        bar = tqdm(
+            range(self.s.steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{self.s.max_epochs}",
+            disable=not (self.s.progress and self.chief),
+            leave=False,
+        )
+        for _ in bar:
+            loss = float(self._train_step(iterator))
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"Loss became {loss} in epoch {epoch}; stopped. The last good checkpoint "
+                    f"is kept in {self.ckpt_dir / 'latest'}."
+                )
+            losses.append(loss)
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        return float(np.mean(losses))
+
+    def _checkpoint(self, name: str, epoch: int, best: float, lr: float) -> None:
+        state = self._state(epoch, best, lr)
+        save_checkpoint(self.ckpt_dir / name, self.model, self.optimizer, state)
+
+    def _record(self, row: dict, writer) -> None:
+        """One epoch's row into ``train_log.csv``, TensorBoard and the console."""
+        self._append_log(row)
+        with writer.as_default(step=row["epoch"]):
+            for key, value in row.items():
+                if key != "epoch":
+                    tf.summary.scalar(key, value)
+        writer.flush()
+        print(
+            " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        )
 
     def _state(self, epoch: int, best: float, lr: float) -> dict:
         return {

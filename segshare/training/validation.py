@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from segshare.data.discovery import Case
+from segshare.data.prepare import PreparedData
 from segshare.evaluation import evaluate_folders
 from segshare.inference.predictor import predict_cases
 from segshare.inference.sliding_window import WindowSettings
@@ -63,3 +64,15 @@ def evaluate_trained_run(
         f"Final validation ({len(cases)} cases, original geometry): foreground-mean Dice {dice:.4f}"
     )
     return summary
+
+
+def evaluate_fold(
+    run_dir: Path, prepared: PreparedData, window: WindowSettings, progress: bool = True
+) -> dict:
+    """:func:`evaluate_trained_run` on all of the fold's validation cases (even when the epochs
+    validated on fewer), with the dataset's label names."""
+    wanted = set(prepared.val_ids)
+    cases = [c for c in prepared.dataset.cases if c.case_id in wanted]
+    dataset_json = Path(prepared.dataset.root) / "dataset.json"
+    names = dataset_json if dataset_json.exists() else None
+    return evaluate_trained_run(run_dir, cases, window, names, progress=progress)

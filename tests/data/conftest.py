@@ -66,17 +66,28 @@ def hippocampus_root() -> Path:
     return HIPPOCAMPUS
 
 
+def data_settings(*overrides: str):
+    """The real ``data`` group (``conf/data/default.yaml``) with Hydra overrides, instantiated."""
+    from hydra import compose, initialize_config_module
+
+    from segshare.cli import instantiate
+
+    with initialize_config_module(version_base="1.3", config_module="segshare.conf"):
+        cfg = compose("preprocess", overrides=["paths.root_dir=/nonexistent", *overrides])
+    return instantiate(cfg.data)
+
+
 @pytest.fixture(scope="session")
 def prepared(synthetic_root, tmp_path_factory):
     """The synthetic dataset prepared (validated, cached, split) into a temporary folder."""
     from segshare.data.prepare import prepare_dataset
 
     out = tmp_path_factory.mktemp("prep") / "pp"
-    cfg = {
-        "root": str(synthetic_root),
-        "preprocessed_dir": str(out),
-        "num_workers": 1,
-        "fold": 0,
-        "num_folds": 4,
-    }
-    return prepare_dataset(cfg, progress=False)
+    settings = data_settings(
+        f"data.root={synthetic_root}",
+        f"data.preprocessed_dir={out}",
+        "data.num_workers=1",
+        "data.fold=0",
+        "data.num_folds=4",
+    )
+    return prepare_dataset(settings, progress=False)

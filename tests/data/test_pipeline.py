@@ -3,13 +3,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from segshare.data.augment import AugmentSettings
 from segshare.data.pipeline import make_training_data
 
-AUG = {"p_flip": 0.5, "p_rotation": 0.5, "rotation_deg": 15.0, "p_noise": 0.5}
+AUG = AugmentSettings(
+    p_flip=0.5, p_rotation=0.5, rotation_deg=15.0, p_noise=0.5, noise_std=(0, 0.1)
+)
 
 
 def test_tf_and_pydataset_give_the_same_seeded_batches(prepared):
-    kw = dict(oversample_foreground=0.5, augment_cfg=AUG, seed=11)
+    kw = dict(oversample_foreground=0.5, augmentation=AUG, seed=11)
     tf_ds = make_training_data(
         prepared.cache_dir, prepared.train_ids, (15, 16, 17), 2, backend="tf", **kw
     )

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
+from segshare.cli import instantiate
 from segshare.data.cache import load_cached_case
 from segshare.data.prepare import prepare_dataset
 from segshare.data.splits import get_split
@@ -53,17 +54,17 @@ def test_default_config_generates_and_prepares_synthetic(tmp_path, monkeypatch):
     assert fp["num_cases"] == 6 and set(fp["class_frequency"]) == {"0", "1", "2"}
     # reused: nothing rewritten
     stamp = {p.name: p.stat().st_mtime_ns for p in prepared.cache_dir.iterdir()}
-    again = prepare_dataset(cfg.data, progress=False)
+    again = prepare_dataset(instantiate(cfg.data), progress=False)
     assert again.cache_dir == prepared.cache_dir
     assert stamp == {p.name: p.stat().st_mtime_ns for p in again.cache_dir.iterdir()}
     # an interrupted case (properties JSON missing) is redone; no temp files remain
     (prepared.cache_dir / f"{prepared.train_ids[0]}.json").unlink()
-    prepare_dataset(cfg.data, progress=False)
+    prepare_dataset(instantiate(cfg.data), progress=False)
     assert (prepared.cache_dir / f"{prepared.train_ids[0]}.json").exists()
     assert not [p for p in prepared.cache_dir.iterdir() if ".tmp" in p.name]
     # a config change gives a new cache folder
     changed = prepare_dataset(
-        _cfg(tmp_path, None, "data.target_spacing=[1.5,1.5,1.5]").data, progress=False
+        instantiate(_cfg(tmp_path, None, "data.target_spacing=[1.5,1.5,1.5]").data), progress=False
     )
     assert changed.cache_dir != prepared.cache_dir
     assert changed.plan.target_spacing == (1.5, 1.5, 1.5)
@@ -72,11 +73,11 @@ def test_default_config_generates_and_prepares_synthetic(tmp_path, monkeypatch):
     assert (out / "validated.json").exists()
     with monkeypatch.context() as m:
         m.setattr("segshare.data.prepare.validate_dataset", None)  # would fail if called
-        prepare_dataset(cfg.data, progress=False)
+        prepare_dataset(instantiate(cfg.data), progress=False)
     image_file = prepared.dataset.cases[0].images[0]
     image_file.write_bytes(image_file.read_bytes()[:200])
     with pytest.raises(DatasetError, match=image_file.name):
-        prepare_dataset(cfg.data, progress=False)
+        prepare_dataset(instantiate(cfg.data), progress=False)
 
 
 def test_splits_written_once_and_reused(tmp_path):
@@ -95,7 +96,9 @@ def test_prepare_raises_listing_every_problem(tmp_path):
     root = make_msd_dataset(tmp_path / "ds", num_cases=12)
     expected = plant_faults(root)
     with pytest.raises(DatasetError) as info:
-        prepare_dataset(_cfg(tmp_path, root, "data.max_voxels=20000").data, progress=False)
+        prepare_dataset(
+            instantiate(_cfg(tmp_path, root, "data.max_voxels=20000").data), progress=False
+        )
     assert len(info.value.problems) == len(expected)
 
 
@@ -159,7 +162,7 @@ def test_msd_4d_multichannel_case_is_prepared(tmp_path):
     }
     (root / "dataset.json").write_text(json.dumps(meta))
     cfg = _cfg(tmp_path, root, "data.num_folds=3", f"data.preprocessed_dir={tmp_path}/pp")
-    prepared = prepare_dataset(cfg.data, progress=False)
+    prepared = prepare_dataset(instantiate(cfg.data), progress=False)
     assert prepared.plan.in_channels == 2 and prepared.plan.normalization == ["zscore"] * 2
     image, label, _ = load_cached_case(prepared.cache_dir, "m_0")
     assert image.shape == (11, 12, 13, 2) and label.sum() == 64

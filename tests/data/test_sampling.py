@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from segshare.data.augment import augment
+from segshare.data.augment import AugmentSettings, augment
 from segshare.data.sampling import PatchSampler, crop_with_padding
+
+from .conftest import data_settings
 
 
 def test_crop_with_padding_matches_numpy_pad():
@@ -70,7 +74,7 @@ def _pair(shape=(21, 22, 23)):
 )
 def test_spatial_augment_identical_on_image_and_label(spatial):
     image, label = _pair()
-    out_img, out_lbl = augment(image, label, spatial, np.random.default_rng(3))
+    out_img, out_lbl = augment(image, label, AugmentSettings(**spatial), np.random.default_rng(3))
     assert out_img.shape == image.shape and out_lbl.shape == label.shape
     assert not np.array_equal(out_lbl, label)
     agree = np.mean(np.rint(out_img[..., 0]) == out_lbl)  # image carries the label's values
@@ -79,13 +83,24 @@ def test_spatial_augment_identical_on_image_and_label(spatial):
 
 def test_intensity_augment_leaves_label_and_off_is_identity():
     image, label = _pair()
-    cfg = {"p_noise": 1.0, "p_blur": 1.0, "p_brightness": 1.0, "p_contrast": 1.0, "p_gamma": 1.0}
+    intensity = dict.fromkeys(("p_noise", "p_blur", "p_brightness", "p_contrast", "p_gamma"), 1.0)
+    spatial = dict.fromkeys(("p_flip", "p_rotation", "p_scale", "p_elastic"), 0.0)
+    # the shipped ranges, every intensity transform drawn, no spatial one
+    cfg = dataclasses.replace(data_settings().augment, **intensity, **spatial)
     out_img, out_lbl = augment(image, label, cfg, np.random.default_rng(0))
     np.testing.assert_array_equal(out_lbl, label)
     assert out_img.dtype == np.float32 and not np.allclose(out_img, image)
-    same_img, same_lbl = augment(image, label, {"p_flip": 0.0}, np.random.default_rng(0))
+    same_img, same_lbl = augment(image, label, AugmentSettings(), np.random.default_rng(0))
     np.testing.assert_array_equal(same_img, image)
     np.testing.assert_array_equal(same_lbl, label)
+
+
+def test_augment_settings_are_checked():
+    with pytest.raises(ValueError, match=r"data.augment.p_gamma must be in \[0, 1\], got 1.5"):
+        AugmentSettings(p_gamma=1.5)
+    with pytest.raises(ValueError, match=r"scale_range must be \[low, high\]"):
+        AugmentSettings(scale_range=[1.2, 0.8])
+    assert AugmentSettings(noise_std=[0, 1]).noise_std == (0.0, 1.0)
 
 
 def test_margin_keeps_rotated_and_scaled_patches_free_of_padding():
@@ -99,6 +114,7 @@ def test_margin_keeps_rotated_and_scaled_patches_free_of_padding():
         "p_elastic": 1.0,
         "elastic_alpha": 2.0,
     }
+    cfg = AugmentSettings(**cfg)
     patch = (13, 16, 11)
     margin = spatial_margin(cfg, patch)
     big = tuple(p + 2 * m for p, m in zip(patch, margin, strict=True))
@@ -115,7 +131,7 @@ def test_margin_centre_crop_when_no_spatial_transform_drawn(prepared):
     s = PatchSampler(prepared.cache_dir, prepared.train_ids, (9, 10, 11))
     big, big_lbl = s.sample(np.random.default_rng(4), margin=(2, 3, 4))
     assert big.shape == (13, 16, 19, 1)
-    img, lbl = augment(big, big_lbl, {"p_flip": 0.0}, np.random.default_rng(0), (9, 10, 11))
+    img, lbl = augment(big, big_lbl, AugmentSettings(), np.random.default_rng(0), (9, 10, 11))
     np.testing.assert_array_equal(img, big[2:11, 3:13, 4:15])
     np.testing.assert_array_equal(lbl, big_lbl[2:11, 3:13, 4:15])
 

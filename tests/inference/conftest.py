@@ -45,21 +45,33 @@ def mirrored_mean(predict_fn, x: np.ndarray) -> np.ndarray:
     return np.mean([np.flip(predict_fn(np.flip(x, a).copy()), a) for a in flips], axis=0)
 
 
-def make_run_dir(folder: Path, model=None, in_channels: int = 1, spacing=(1.0, 1.0, 1.0)) -> Path:
-    """Write a run folder like segshare-train's: model.keras, plan.json, config.yaml."""
+def make_run_dir(
+    folder: Path, model=None, in_channels: int = 1, spacing=(1.0, 1.0, 1.0), legacy: bool = False
+) -> Path:
+    """Write a run folder like segshare-train's: model.keras, plan.json, run.json; with ``legacy``
+    like segshare 0.1's (no run.json; the patch only in config.yaml, with the rest of the config).
+    """
     from segshare.data.preprocessing import Plan
+    from segshare.inference.trained_run import write_run_info
 
     folder.mkdir(parents=True, exist_ok=True)
     (model or threshold_model(in_channels)).save(folder / "model.keras")
-    Plan(
+    plan = Plan(
         target_spacing=tuple(spacing),
         normalization=["zscore"] * in_channels,
         ct_stats=None,
         labels={"background": 0, "bright": 1},
         in_channels=in_channels,
         num_classes=2,
-    ).save(folder / "plan.json")
-    (folder / "config.yaml").write_text(f"data:\n  patch_size: {list(PATCH)}\n")
+    )
+    plan.save(folder / "plan.json")
+    if legacy:
+        (folder / "config.yaml").write_text(
+            f"seed: 12345\ndata:\n  root: /somewhere\n  patch_size: {list(PATCH)}\n"
+            f"trainer:\n  overlap: 0.5\n"
+        )
+    else:
+        write_run_info(folder, plan, PATCH, sharing="none")
     return folder
 
 

@@ -61,9 +61,9 @@ def test_setup_error_exits_2_with_one_line(monkeypatch, tmp_path, scans, capsys)
 
 def test_a_bad_window_option_is_a_setup_error(monkeypatch, tmp_path, run_dir, scans, capsys):
     args = [f"model_path={run_dir}", f"input={scans}", f"output={tmp_path}/pred"]
-    assert _call_main(monkeypatch, tmp_path, *args, "overlap=1.5") == 2
+    assert _call_main(monkeypatch, tmp_path, *args, "window.overlap=1.5") == 2
     assert "overlap must be in [0, 1), got 1.5" in capsys.readouterr().err
-    assert _call_main(monkeypatch, tmp_path, *args, "inference.roi_size=[16,16]") == 2
+    assert _call_main(monkeypatch, tmp_path, *args, "window.roi_size=[16,16]") == 2
     assert "roi_size must be three positive integers" in capsys.readouterr().err
     assert not (tmp_path / "pred").exists()
 

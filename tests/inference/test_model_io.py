@@ -1,7 +1,8 @@
-"""Model loading (safe mode, run folder resolution) and the batched predict_fn."""
+"""Model loading (safe mode, the trained-run loader) and the batched predict_fn."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,14 +12,16 @@ import keras
 import numpy as np
 import pytest
 
+from segshare.data.preprocessing import Plan
 from segshare.inference.model_io import (
     load_model_safely,
     make_predict_fn,
     mirror_axes_combinations,
-    resolve_run,
 )
+from segshare.inference.sliding_window import WindowSettings
+from segshare.inference.trained_run import load_trained_run
 
-from .conftest import asymmetric_model, make_run_dir, mirrored_mean, threshold_model
+from .conftest import PATCH, asymmetric_model, make_run_dir, mirrored_mean, threshold_model
 
 EXECUTED = []
 
@@ -49,17 +52,81 @@ def test_not_a_model_file(tmp_path):
         load_model_safely(path)
 
 
-def test_resolve_run_folder_and_file(tmp_path):
+def test_load_trained_run_from_the_folder_or_the_model_file(tmp_path):
     run = make_run_dir(tmp_path / "run")
     for given in (run, run / "model.keras"):
-        files = resolve_run(given)
-        assert files.model == run / "model.keras" and files.plan == run / "plan.json"
-        assert files.config == run / "config.yaml"
+        trained = load_trained_run(given)
+        assert trained.model_file == run / "model.keras" and trained.folder == run
+        assert trained.patch_size == PATCH and trained.info["format"] == 1
+        assert (trained.in_channels, trained.num_classes) == (1, 2)
+        assert trained.plan == Plan.load(run / "plan.json")
     with pytest.raises(ValueError, match="no model found"):
-        resolve_run(tmp_path / "missing")
+        load_trained_run(tmp_path / "missing")
     (run / "plan.json").unlink()
     with pytest.raises(ValueError, match="no plan.json beside it"):
-        resolve_run(run)
+        load_trained_run(run)
+
+
+def test_a_run_written_before_run_json_still_loads_and_predicts_the_same(tmp_path):
+    """Runs of segshare 0.1 (model.keras, plan.json, config.yaml; no run.json) keep working."""
+    legacy = load_trained_run(make_run_dir(tmp_path / "old", legacy=True))
+    current = load_trained_run(make_run_dir(tmp_path / "new"))
+    assert legacy.patch_size == current.patch_size == PATCH and legacy.info == {}
+    window = WindowSettings(roi_size=None, overlap=0.5, sw_batch_size=2, sigma_scale=0.125)
+    image = np.random.default_rng(0).normal(size=(20, 17, 23, 1)).astype(np.float32)
+    old, new = (t.predictor(window).predict_array(image) for t in (legacy, current))
+    np.testing.assert_array_equal(old, new)
+    (tmp_path / "old" / "config.yaml").unlink()
+    with pytest.raises(ValueError, match="no run.json beside it .* is unknown"):
+        load_trained_run(tmp_path / "old")
+
+
+def test_a_run_json_that_contradicts_the_plan_is_refused(tmp_path):
+    run = make_run_dir(tmp_path / "run")
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "num_classes": 3}))
+    with pytest.raises(ValueError, match=r"run.json: num_classes is 3 but .*plan.json says 2"):
+        load_trained_run(run)
+    (run / "run.json").write_text(json.dumps({**info, "format": 99}))
+    with pytest.raises(ValueError, match="run format 99, this segshare reads 1"):
+        load_trained_run(run)
+    (run / "run.json").write_text(json.dumps({**info, "patch_size": [16, 0, 16]}))
+    with pytest.raises(ValueError, match="no valid patch_size"):
+        load_trained_run(run)
+
+
+def test_import_segshare_is_enough_for_plain_keras_load_model(tmp_path):
+    """In a fresh process, ``import segshare`` registers the layers: a saved kernel-sharing model
+    loads with plain ``keras.models.load_model``, ties intact; ``import keras`` alone cannot."""
+    from segshare.models import build_unet, count_unique_params
+
+    model = build_unet(features=(4, 8), blocks_per_stage=(1, 2), sharing="stage")
+    model.save(tmp_path / "model.keras")
+    code = (
+        "import {imp}, keras\n"
+        "m = keras.models.load_model({path!r})\n"
+        "from segshare.models import count_unique_params\n"
+        "print('UNIQUE', count_unique_params(m))\n"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    path = str(tmp_path / "model.keras")
+    ok = subprocess.run(
+        [sys.executable, "-c", code.format(imp="segshare", path=path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert f"UNIQUE {count_unique_params(model)}" in ok.stdout
+    bare = subprocess.run(
+        [sys.executable, "-c", code.format(imp="os", path=path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert bare.returncode != 0 and "SharedEncoder" in bare.stderr
 
 
 def test_loaded_model_predicts_like_the_original(tmp_path):

@@ -69,8 +69,8 @@ def test_probabilities_are_saved_on_the_scan_grid(run_dir, geometry_inputs, comp
             f"output={out}",
             "save_probabilities=true",
             "tta=true",
-            "overlap=0.25",
-            "sw_batch_size=3",
+            "window.overlap=0.25",
+            "window.sw_batch_size=3",
         )
     )
     assert report.written == ["lps"]
@@ -87,8 +87,8 @@ def test_probabilities_are_saved_on_the_scan_grid(run_dir, geometry_inputs, comp
             f"input={folder / 'lps.nii.gz'}",
             f"output={out2}",
             "tta=true",
-            "overlap=0.25",
-            "sw_batch_size=3",
+            "window.overlap=0.25",
+            "window.sw_batch_size=3",
         )
     )
     np.testing.assert_array_equal(np.asarray(nib.load(str(out2 / "lps.nii.gz")).dataobj), labels)
@@ -157,7 +157,7 @@ def test_a_window_the_model_cannot_take_is_refused_up_front(tmp_path, compose_cf
     run2 = make_run_dir(tmp_path / "run2", model=model)
     write_scan(tmp_path / "a.nii.gz", random_scan((8, 9, 10)), np.eye(4))
     cfg = compose_cfg(
-        f"model_path={run2}", f"input={tmp_path / 'a.nii.gz'}", "inference.roi_size=[9,8,8]"
+        f"model_path={run2}", f"input={tmp_path / 'a.nii.gz'}", "window.roi_size=[9,8,8]"
     )
     with pytest.raises(ValueError, match=r"roi_size=\[9, 8, 8\]: the model cannot predict"):
         run(cfg)

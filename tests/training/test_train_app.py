@@ -13,7 +13,9 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_module
 
+from segshare.predict import run as predict_run
 from segshare.train import train
 
 
@@ -39,7 +41,7 @@ def test_train_writes_a_usable_run_folder(make_cfg, tmp_path):
         image = nib.load(case.images[0])
         assert pred.shape == image.shape[:3]
         np.testing.assert_allclose(pred.affine, image.affine)
-    for name in ("model.keras", "plan.json", "config.yaml", "parameters.json", "train_log.csv"):
+    for name in ("model.keras", "plan.json", "run.json", "config.yaml", "parameters.json"):
         assert (run / name).is_file(), name
     for ckpt in ("latest", "best"):
         assert (run / "checkpoints" / ckpt / "state.json").is_file()
@@ -49,6 +51,27 @@ def test_train_writes_a_usable_run_folder(make_cfg, tmp_path):
     assert {"train_loss", "lr", "val_dice_fg_mean", "seconds"} <= set(rows[0])
     assert any(k.startswith("val_dice_") and k != "val_dice_fg_mean" for k in rows[0])
     assert float(rows[1]["lr"]) < float(rows[0]["lr"])  # poly decay
+    # The final evaluation and segshare-predict use the same trained-run loader: same labels.
+    with initialize_config_module(version_base="1.3", config_module="segshare.conf"):
+        predict_cfg = compose(
+            "predict",
+            overrides=[
+                f"model_path={run}",
+                f"input={val_cases[0].images[0].parent}",
+                f"output={tmp_path / 'predicted'}",
+                f"paths.root_dir={tmp_path}",
+                "inference.progress=false",
+            ],
+        )
+    assert {c.case_id for c in val_cases} <= set(predict_run(predict_cfg).written)
+    for case in val_cases:
+        name = f"{case.case_id}.nii.gz"
+        np.testing.assert_array_equal(
+            np.asarray(nib.load(tmp_path / "predicted" / name).dataobj),
+            np.asarray(nib.load(run / "validation" / "predictions" / name).dataobj),
+        )
+    info = json.loads((run / "run.json").read_text())
+    assert info["patch_size"] == [16, 16, 16] and info["in_channels"] == 1
     model = keras.models.load_model(run / "model.keras")  # plain load, no custom_objects
     assert model.output_shape[-1] == json.loads((run / "plan.json").read_text())["num_classes"]
     assert json.loads((run / "parameters.json").read_text())["sharing"] == "stage"
@@ -138,6 +161,9 @@ def test_sigkill_during_an_epoch_resumes_from_last_completed_epoch(tiny_data_roo
 WORKER = """
 import json, os, sys
 from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_module
+
+from segshare.predict import run as predict_run
 from segshare.train import train
 overrides, out = json.loads(sys.argv[1]), sys.argv[2]
 with initialize_config_module(version_base="1.3", config_module="segshare.conf"):
@@ -159,9 +185,12 @@ def _free_ports(n: int) -> list[int]:
 
 
 def test_two_workers_on_loopback_end_with_identical_weights(make_cfg, tmp_path):
+    from segshare.cli import instantiate
     from segshare.data.prepare import prepare_dataset
 
-    prepare_dataset(make_cfg().data, progress=False)  # both workers reuse the same cache
+    prepare_dataset(
+        instantiate(make_cfg().data), progress=False
+    )  # both workers reuse the same cache
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     ports = _free_ports(2)
