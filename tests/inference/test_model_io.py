@@ -110,22 +110,18 @@ def test_import_segshare_is_enough_for_plain_keras_load_model(tmp_path):
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     path = str(tmp_path / "model.keras")
-    ok = subprocess.run(
-        [sys.executable, "-c", code.format(imp="segshare", path=path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    ok, bare = (
+        subprocess.run(
+            [sys.executable, "-c", code.format(imp=first, path=path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        for first in ("segshare", "os")
     )
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert f"UNIQUE {count_unique_params(model)}" in ok.stdout
-    bare = subprocess.run(
-        [sys.executable, "-c", code.format(imp="os", path=path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
     assert bare.returncode != 0 and "SharedEncoder" in bare.stderr
 
 
