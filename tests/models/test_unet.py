@@ -143,12 +143,7 @@ def test_check_patch_size_accepts_divisible_sizes():
 def test_hydra_model_and_sharing_configs_build(model_name, scheme):
     with initialize_config_module(version_base="1.3", config_module="segshare.conf"):
         cfg = compose(config_name="train", overrides=[f"model={model_name}", f"sharing={scheme}"])
-    model = instantiate(
-        cfg.model,
-        in_channels=1,
-        num_classes=3,
-        sharing=cfg.sharing.scheme,
-        num_templates=cfg.sharing.num_templates,
-    )
+    assert cfg.model.sharing == scheme  # conf/sharing/ merges into the model group
+    model = instantiate(cfg.model, in_channels=1, num_classes=3)
     assert parameter_report(model)["sharing"] == scheme
     assert model.output_shape == (None, None, None, None, 3)
