@@ -1,16 +1,24 @@
 """segshare: 3D medical image segmentation with a kernel-sharing U-Net (Keras 3).
 
-Importing the package registers segshare's Keras layers (``segshare.models``), so that
-``import segshare`` is all a plain ``keras.models.load_model("model.keras")`` needs. The worker
-processes of segshare's own pools (validation, caching, evaluation) skip it: they never load a
-model, and importing Keras there would cost each worker seconds.
+Importing the package makes segshare's Keras layers (``segshare.models``) registered whenever Keras
+is imported, before or after segshare, so ``import segshare`` is all a plain
+``keras.models.load_model("model.keras")`` needs. Keras itself is not imported until something
+needs it: apps and worker processes that never touch a model (evaluation, preprocessing) start
+without TensorFlow.
 """
 
-import multiprocessing as _mp
 import os as _os
+
+import wrapt as _wrapt
 
 __version__ = "0.2.0"
 
-if _mp.parent_process() is None:  # not a worker process
-    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
-    from segshare import models as _models  # noqa: F401  (registers the layers with Keras)
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+
+
+def _register_layers(_keras) -> None:
+    """Register segshare's serialisable layers with Keras (run once Keras is imported)."""
+    import segshare.models  # noqa: F401
+
+
+_wrapt.register_post_import_hook(_register_layers, "keras")

@@ -96,33 +96,44 @@ def test_a_run_json_that_contradicts_the_plan_is_refused(tmp_path):
 
 
 def test_import_segshare_is_enough_for_plain_keras_load_model(tmp_path):
-    """In a fresh process, ``import segshare`` registers the layers: a saved kernel-sharing model
-    loads with plain ``keras.models.load_model``, ties intact; ``import keras`` alone cannot."""
+    """In fresh processes, ``import segshare`` (before or after ``import keras``) registers the
+    layers: a saved kernel-sharing model loads with plain ``keras.models.load_model``, ties
+    intact; ``import keras`` alone cannot. ``import segshare`` alone imports no Keras."""
     from segshare.models import build_unet, count_unique_params
 
     model = build_unet(features=(4, 8), blocks_per_stage=(1, 2), sharing="stage")
     model.save(tmp_path / "model.keras")
     code = (
-        "import {imp}, keras\n"
+        "import sys\n"
+        "{imports}\n"
         "m = keras.models.load_model({path!r})\n"
         "from segshare.models import count_unique_params\n"
         "print('UNIQUE', count_unique_params(m))\n"
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     path = str(tmp_path / "model.keras")
-    ok, bare = (
-        subprocess.run(
-            [sys.executable, "-c", code.format(imp=first, path=path)],
-            capture_output=True,
+    imports = {
+        "segshare first": "import segshare\nassert 'keras' not in sys.modules\nimport keras",
+        "keras first": "import keras, segshare",
+        "keras alone": "import keras",
+    }
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", code.format(imports=lines, path=path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             env=env,
-            timeout=300,
         )
-        for first in ("segshare", "os")
-    )
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert f"UNIQUE {count_unique_params(model)}" in ok.stdout
-    assert bare.returncode != 0 and "SharedEncoder" in bare.stderr
+        for name, lines in imports.items()
+    }
+    out = {name: (p.communicate(timeout=300), p.returncode) for name, p in procs.items()}
+    for name in ("segshare first", "keras first"):
+        (stdout, stderr), code_ = out[name]
+        assert code_ == 0, (name, stderr[-2000:])
+        assert f"UNIQUE {count_unique_params(model)}" in stdout, name
+    (_, stderr), code_ = out["keras alone"]
+    assert code_ != 0 and "SharedEncoder" in stderr
 
 
 def test_loaded_model_predicts_like_the_original(tmp_path):
