@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,73 @@ from segshare.data.augment import rotation_matrix
 from segshare.data.io import save_nifti_atomic, write_json_atomic
 
 ORGANS = ("liver", "kidney", "spleen")
+MIN_SCALED_VOXELS = 4  # fewest voxels along an axis whose drawn shape is scaled by its spacing
+
+SpacingRange = tuple[float, float]
+Spacing = SpacingRange | tuple[SpacingRange, SpacingRange, SpacingRange]
+
+
+def _is_sequence(value: Any) -> bool:
+    return (
+        not isinstance(value, str | bytes)
+        and hasattr(value, "__len__")
+        and hasattr(value, "__getitem__")
+    )
+
+
+def _as_range(value: Any) -> SpacingRange | None:
+    """``[min, max]`` with ``0 < min <= max`` as floats; ``None`` when ``value`` is not one."""
+    if not _is_sequence(value) or len(value) != 2:
+        return None
+    if not all(isinstance(v, Real) and not isinstance(v, bool) for v in value):
+        return None
+    lo, hi = float(value[0]), float(value[1])
+    return (lo, hi) if 0 < lo <= hi and np.isfinite(hi) else None
+
+
+def parse_spacing(spacing: Any, name: str = "spacing") -> Spacing:
+    """Validate a spacing setting: one ``[min, max]`` range (mm) for all three voxel axes, or three
+    ranges, one per voxel axis.
+
+    Args:
+        spacing: ``[min, max]`` or ``[[min, max], [min, max], [min, max]]`` (lists, tuples or
+            Hydra list nodes), ``0 < min <= max``.
+        name: the setting's name in the error message.
+
+    Returns:
+        ``(min, max)`` or ``((min, max), (min, max), (min, max))`` as floats.
+
+    Raises:
+        ValueError: anything else (the message quotes the value).
+    """
+    single = _as_range(spacing)
+    if single is not None:
+        return single
+    if _is_sequence(spacing) and len(spacing) == 3:
+        ranges = [_as_range(r) for r in spacing]
+        if all(r is not None for r in ranges):
+            return tuple(ranges)  # type: ignore[return-value]
+    shown = list(spacing) if _is_sequence(spacing) else spacing
+    raise ValueError(
+        f"{name} must be [min, max] or three [min, max] ranges, got {shown!r} "
+        "(spacings in mm, 0 < min <= max)"
+    )
+
+
+def _draw_shape_and_spacing(
+    rng: np.random.Generator, shape_range: tuple[int, int], spacing: Spacing
+) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """One case's voxel shape and spacing (see :func:`generate_synthetic_dataset` for the rule)."""
+    shape = rng.integers(shape_range[0], shape_range[1] + 1, 3)
+    if not isinstance(spacing[0], tuple):  # one range for all axes: shapes ignore spacing
+        drawn = np.round(rng.uniform(*spacing, 3), 3)
+        return tuple(int(s) for s in shape), tuple(float(s) for s in drawn)
+    lows, highs = (np.array(v) for v in zip(*spacing, strict=True))
+    drawn = np.round(rng.uniform(lows, highs), 3)
+    axis_median = (lows + highs) / 2  # the median of a uniform draw on [low, high]
+    scale = np.median(axis_median) / axis_median
+    scaled = np.maximum(MIN_SCALED_VOXELS, np.rint(shape * scale))
+    return tuple(int(s) for s in scaled), tuple(float(s) for s in drawn)
 
 
 def make_affine(
@@ -105,7 +173,7 @@ def generate_synthetic_dataset(
     num_cases: int = 24,
     seed: int = 0,
     shape_range: tuple[int, int] = (28, 40),
-    spacing_range: tuple[float, float] = (0.8, 1.6),
+    spacing: Spacing = (0.8, 1.6),
     num_organs: int = 2,
     num_channels: int = 1,
     ct_like: bool = False,
@@ -118,8 +186,16 @@ def generate_synthetic_dataset(
         out_dir: the dataset folder to create (``imagesTr/``, ``labelsTr/``, ``dataset.json``).
         num_cases: number of cases.
         seed: random seed (same seed, same files).
-        shape_range: inclusive min/max voxels per axis.
-        spacing_range: min/max voxel spacing in mm per axis.
+        shape_range: inclusive min/max voxels per axis, drawn independently for each axis.
+        spacing: voxel spacing in mm, drawn uniformly per case and axis (rounded to 0.001 mm):
+            one ``(min, max)`` range for all three voxel axes (shapes are then drawn from
+            ``shape_range`` regardless of spacing), or three ranges, one per voxel axis, e.g.
+            ``((0.6, 0.7), (0.6, 0.7), (3.5, 4.5))`` for thick slices along the last axis. With
+            three ranges, each axis's drawn shape is multiplied by
+            ``median(m_0, m_1, m_2) / m_axis``, where ``m_a = (min_a + max_a) / 2`` is the median
+            spacing of axis ``a``, rounded, and kept at 4 voxels or more: a thick axis gets
+            correspondingly fewer voxels, so the phantom keeps its physical size (the example:
+            28-40 voxels in-plane, 5-6 slices).
         num_organs: foreground labels.
         num_channels: image channels per case (``{case}_{XXXX}`` files).
         ct_like: CT-like intensities; ``dataset.json`` then names the channels "CT".
@@ -135,6 +211,7 @@ def generate_synthetic_dataset(
     out = Path(out_dir)
     if num_cases < 1:
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
+    spacing = parse_spacing(spacing)
     if out.exists() and not overwrite:
         return out
     rng = np.random.default_rng(seed)
@@ -142,9 +219,8 @@ def generate_synthetic_dataset(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for i in range(num_cases + num_test_cases):
-            shape = tuple(int(s) for s in rng.integers(shape_range[0], shape_range[1] + 1, 3))
-            spacing = tuple(float(s) for s in np.round(rng.uniform(*spacing_range, 3), 3))
-            aff = make_affine(spacing, rng, flip=bool(i % 3 == 1))
+            shape, case_spacing = _draw_shape_and_spacing(rng, shape_range, spacing)
+            aff = make_affine(case_spacing, rng, flip=bool(i % 3 == 1))
             img, lbl = make_phantom(shape, rng, num_organs=num_organs, ct_like=ct_like)
             split = "Tr" if i < num_cases else "Ts"
             _write_case(tmp, f"case_{i:03d}", img, lbl, aff, num_channels, rng, split)
@@ -182,6 +258,8 @@ class SyntheticSpec:
 
     Attributes:
         generate_if_missing: generate at a missing root; False: a missing root is an error.
+        spacing: ``[min, max]`` mm for all axes, or three ranges, one per voxel axis (validated
+            and stored as tuples on construction; see :func:`generate_synthetic_dataset`).
     """
 
     generate_if_missing: bool
@@ -189,15 +267,17 @@ class SyntheticSpec:
     num_test_cases: int
     seed: int
     shape_range: tuple[int, int]
-    spacing_range: tuple[float, float]
+    spacing: Spacing
     num_organs: int
     num_channels: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spacing", parse_spacing(self.spacing, "data.synthetic.spacing"))
 
     def generate(self, out_dir: str | os.PathLike, overwrite: bool = True) -> Path:
         """Write this dataset to ``out_dir`` (see :func:`generate_synthetic_dataset`)."""
         fields = {k: v for k, v in asdict(self).items() if k != "generate_if_missing"}
         fields["shape_range"] = tuple(int(v) for v in fields["shape_range"])
-        fields["spacing_range"] = tuple(float(v) for v in fields["spacing_range"])
         return generate_synthetic_dataset(out_dir, overwrite=overwrite, **fields)
 
 
