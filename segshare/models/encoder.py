@@ -4,9 +4,12 @@ The encoder is one registered Keras layer that creates its banks *and* every con
 in ``__init__``. Its config holds only hyperparameters, so ``from_config`` (which Keras calls on
 load) rebuilds exactly the same wiring: a ``.keras`` round trip keeps every tie.
 
-Stage ``s`` (width ``features[s]``) is an *entry* conv (stage 0: from the input channels, stride 1;
-later stages: from ``features[s-1]``, stride 2) followed by ``blocks_per_stage[s]`` blocks whose
-convs are all ``features[s] -> features[s]``. A block is either
+Stage ``s`` (width ``features[s]``) is an *entry* conv (stage 0: from the input channels; later
+stages: from ``features[s-1]``) of stride ``strides[s]`` (default 1 for stage 0, 2 after)
+followed by ``blocks_per_stage[s]`` blocks whose convs are all ``features[s] -> features[s]``.
+Every conv of stage ``s`` has kernel size ``kernel_sizes[s]`` (default 3); strides and kernel
+sizes are per axis, so stages may be anisotropic (``1x3x3`` kernels, ``1x2x2`` strides), as in
+MONAI's DynUNet and nnU-Net's plans. A block is either
 
 - ``residual`` (default): a basic block ``act(x + norm(conv(act(norm(conv(x))))))``, two convs,
   as in nnU-Net's ResEnc U-Net and ShaResNet; or
@@ -16,12 +19,14 @@ convs are all ``features[s] -> features[s]``. A block is either
 Sharing schemes pick the bank of each conv:
 
 - ``none``: every conv owns a bank (baseline).
-- ``stage``: the block convs of a stage share one kernel; entry convs own theirs (so a stage
-  needs two block convs or more to save anything).
-- ``global``: one bank at the widest width; every conv but the stem uses its
-  ``[:c_in, :c_out]`` slice.
-- ``template``: the block convs of a stage mix ``num_templates`` templates owned by the stage,
-  each with its own coefficients.
+- ``stage``: the block convs of a stage share one kernel of the stage's kernel size; entry convs
+  own theirs (so a stage needs two block convs or more to save anything).
+- ``global``: one bank at the widest width whose kernel size is, per axis, the largest kernel
+  size of its users; every conv but the stem uses its ``[:c_in, :c_out]`` slice, centred along
+  any axis where the conv's kernel is smaller (a ``1x3x3`` conv uses ``kernel[1:2]`` of a
+  ``3x3x3`` bank).
+- ``template``: the block convs of a stage mix ``num_templates`` templates of the stage's kernel
+  size, owned by the stage, each conv with its own coefficients.
 """
 
 from __future__ import annotations
@@ -55,6 +60,57 @@ def make_activation(kind: str, negative_slope: float, name: str) -> keras.layers
     except ValueError as err:
         raise ValueError(f"Unknown activation {kind!r}.") from err
     return keras.layers.Activation(kind, name=name)
+
+
+def default_strides(num_stages: int) -> tuple[int, ...]:
+    """Stride 1 for the first stage, 2 for every later one (halving the resolution)."""
+    return (1,) + (2,) * (num_stages - 1)
+
+
+def per_stage(
+    values: int | Sequence | None,
+    num_stages: int,
+    spatial_dims: int,
+    name: str,
+    default: Sequence[int | Sequence[int]],
+    odd: bool = False,
+) -> tuple[tuple[int, ...], ...]:
+    """Per-stage, per-axis values (``kernel_sizes``, ``strides``) as a tuple of tuples.
+
+    Args:
+        values: One entry per stage, each an int (every axis) or a per-axis sequence; ``None``
+            takes ``default``.
+        num_stages: Stages (``len(features)``).
+        spatial_dims: Axes per entry.
+        name: Argument name for messages.
+        default: Entries used when ``values`` is ``None``.
+        odd: Whether entries must be odd (kernel sizes: 1, 3, 5, ...).
+
+    Raises:
+        ValueError: quoting the bad value (wrong length, a non-positive or even entry).
+    """
+    values = default if values is None else values
+    if isinstance(values, (int, str)) or len(values) != num_stages:
+        raise ValueError(
+            f"{name} must have one entry per stage ({num_stages}, the length of features), "
+            f"got {values!r}."
+        )
+    result = []
+    for s, entry in enumerate(values):
+        axes = (entry,) * spatial_dims if isinstance(entry, int) else tuple(entry)
+        if len(axes) != spatial_dims:
+            raise ValueError(
+                f"{name}[{s}] must be an int or have {spatial_dims} entries (spatial_dims), "
+                f"got {entry!r} in {values!r}."
+            )
+        if any(int(a) != a or a < 1 for a in axes):
+            raise ValueError(f"{name} must be positive integers, got {entry!r} in {values!r}.")
+        if odd and any(a % 2 == 0 for a in axes):
+            raise ValueError(
+                f"{name} must be odd (1, 3, 5, ...), got {entry!r} at stage {s} in {values!r}."
+            )
+        result.append(tuple(int(a) for a in axes))
+    return tuple(result)
 
 
 def validate_encoder_args(
@@ -127,7 +183,8 @@ class ResidualBlock(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class SharedEncoder(keras.layers.Layer):
     """U-Net encoder with kernel sharing. Input ``(B, *spatial, C)``; returns one feature map per
-    stage, ``[(B, *spatial, features[0]), (B, *spatial/2, features[1]), ...]``.
+    stage, ``[(B, *spatial/strides[0], features[0]), (B, *spatial/(strides[0]*strides[1]),
+    features[1]), ...]`` (per axis; by default ``[(B, *spatial, f0), (B, *spatial/2, f1), ...]``).
 
     Args:
         spatial_dims: 2 or 3.
@@ -137,11 +194,17 @@ class SharedEncoder(keras.layers.Layer):
         block: ``"residual"`` (two convs with a skip) or ``"plain"`` (one conv-norm-act).
         sharing: ``"none" | "stage" | "global" | "template"``.
         num_templates: Templates per stage for ``template``.
-        kernel_size: Conv kernel size.
+        kernel_size: Kernel size of every conv when ``kernel_sizes`` is ``None`` (the only
+            form configs saved before ``kernel_sizes`` existed have).
         norm: ``"instance" | "batch"``.
         activation: ``"leaky_relu"`` or a Keras activation name.
         negative_slope: LeakyReLU slope.
         use_bias: Whether every conv has its own bias.
+        kernel_sizes: Kernel size of each stage's convs, one entry per stage, an int or one
+            odd size per axis (e.g. ``[[1, 3, 3], [1, 3, 3], [3, 3, 3]]``); ``None`` =
+            ``kernel_size`` everywhere.
+        strides: Stride of each stage's entry conv, an int or one per axis; ``None`` =
+            ``[1, 2, 2, ...]``.
     """
 
     def __init__(
@@ -158,10 +221,17 @@ class SharedEncoder(keras.layers.Layer):
         activation: str = "leaky_relu",
         negative_slope: float = 0.01,
         use_bias: bool = True,
+        kernel_sizes: Sequence[int | Sequence[int]] | None = None,
+        strides: Sequence[int | Sequence[int]] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         validate_encoder_args(features, blocks_per_stage, sharing, num_templates, block)
+        n = len(features)
+        self.kernel_sizes = per_stage(
+            kernel_sizes, n, spatial_dims, "kernel_sizes", (kernel_size,) * n, odd=True
+        )
+        self.strides = per_stage(strides, n, spatial_dims, "strides", default_strides(n))
         self.spatial_dims = int(spatial_dims)
         self.in_channels = int(in_channels)
         self.features = tuple(int(f) for f in features)
@@ -178,8 +248,15 @@ class SharedEncoder(keras.layers.Layer):
         self.stages: list[list[ConvUnit | ResidualBlock]] = []
         self._wire()
 
-    def _bank(self, name: str, c_in: int, c_out: int, templates: bool = False) -> KernelBank:
-        args = (self.spatial_dims, self.kernel_size, c_in, c_out)
+    def _bank(
+        self,
+        name: str,
+        c_in: int,
+        c_out: int,
+        kernel_size: tuple[int, ...],
+        templates: bool = False,
+    ) -> KernelBank:
+        args = (self.spatial_dims, kernel_size, c_in, c_out)
         if templates:
             bank = TemplateBank(*args, num_templates=self.num_templates, name=name)
         else:
@@ -191,44 +268,67 @@ class SharedEncoder(keras.layers.Layer):
         return make_activation(self.activation, self.negative_slope, name)
 
     def _unit(
-        self, name: str, bank: KernelBank, c_in: int, c_out: int, stride: int, act: bool = True
+        self,
+        name: str,
+        bank: KernelBank,
+        c_in: int,
+        c_out: int,
+        stage: int,
+        stride: tuple[int, ...] | int = 1,
+        act: bool = True,
     ) -> ConvUnit:
-        conv = SharedConv(c_out, bank, c_in, strides=stride, use_bias=self.use_bias, name=name)
+        conv = SharedConv(
+            c_out,
+            bank,
+            c_in,
+            strides=stride,
+            use_bias=self.use_bias,
+            kernel_size=self.kernel_sizes[stage],
+            name=name,
+        )
         activation = self._act(f"{name}_act") if act else None
         return ConvUnit(conv, self.norm_kind, activation, name=f"{name}_unit")
 
     def _block_unit(
-        self, prefix: str, j: int, width: int, bank: KernelBank | None, act: bool = True
+        self, stage: int, j: int, bank: KernelBank | None, act: bool = True
     ) -> ConvUnit:
         """Block conv ``j`` of a stage, from the stage's shared bank or (``None``) its own."""
+        prefix, width = f"encoder_stage{stage}", self.features[stage]
         if bank is None:
-            bank = self._bank(f"{prefix}_conv{j}_kernel", width, width)
-        return self._unit(f"{prefix}_conv{j}", bank, width, width, 1, act)
+            bank = self._bank(f"{prefix}_conv{j}_kernel", width, width, self.kernel_sizes[stage])
+        return self._unit(f"{prefix}_conv{j}", bank, width, width, stage, act=act)
+
+    def _global_bank(self) -> KernelBank | None:
+        """The ``global`` scheme's bank: widest width, per-axis largest kernel of its users
+        (every conv but the stem); ``None`` for other schemes or when the stem is alone."""
+        users = [s for s in range(len(self.features)) if s > 0 or self.blocks_per_stage[0] > 0]
+        if self.sharing != "global" or not users:
+            return None
+        size = tuple(max(axis) for axis in zip(*(self.kernel_sizes[s] for s in users), strict=True))
+        widest = max(self.features)
+        return self._bank("encoder_global_bank", widest, widest, size)
 
     def _wire(self) -> None:
-        widest = max(self.features)
-        global_bank = None
-        if self.sharing == "global" and (len(self.features) > 1 or self.blocks_per_stage[0] > 0):
-            global_bank = self._bank("encoder_global_bank", widest, widest)
+        global_bank = self._global_bank()
         for s, width in enumerate(self.features):
             c_in = self.in_channels if s == 0 else self.features[s - 1]
-            prefix = f"encoder_stage{s}"
+            prefix, kernel_size = f"encoder_stage{s}", self.kernel_sizes[s]
             entry_bank = global_bank if (global_bank is not None and s > 0) else None
             if entry_bank is None:
-                entry_bank = self._bank(f"{prefix}_conv1_kernel", c_in, width)
-            units = [self._unit(f"{prefix}_conv1", entry_bank, c_in, width, 1 if s == 0 else 2)]
+                entry_bank = self._bank(f"{prefix}_conv1_kernel", c_in, width, kernel_size)
+            units = [self._unit(f"{prefix}_conv1", entry_bank, c_in, width, s, self.strides[s])]
             stage_bank = global_bank
             if self.sharing in ("stage", "template") and self.blocks_per_stage[s] > 0:
                 stage_bank = self._bank(
-                    f"{prefix}_bank", width, width, templates=self.sharing == "template"
+                    f"{prefix}_bank", width, width, kernel_size, self.sharing == "template"
                 )
             for b in range(1, self.blocks_per_stage[s] + 1):
                 if self.block == "plain":
-                    units.append(self._block_unit(prefix, b + 1, width, stage_bank))
+                    units.append(self._block_unit(s, b + 1, stage_bank))
                     continue
                 pair = (
-                    self._block_unit(prefix, 2 * b, width, stage_bank),
-                    self._block_unit(prefix, 2 * b + 1, width, stage_bank, act=False),
+                    self._block_unit(s, 2 * b, stage_bank),
+                    self._block_unit(s, 2 * b + 1, stage_bank, act=False),
                 )
                 act = self._act(f"{prefix}_block{b}_act")
                 units.append(ResidualBlock(*pair, act, name=f"{prefix}_block{b}"))
@@ -275,5 +375,7 @@ class SharedEncoder(keras.layers.Layer):
             activation=self.activation,
             negative_slope=self.negative_slope,
             use_bias=self.use_bias,
+            kernel_sizes=[list(k) for k in self.kernel_sizes],
+            strides=[list(t) for t in self.strides],
         )
         return config

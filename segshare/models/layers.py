@@ -6,6 +6,8 @@ bias. An unshared conv is simply a conv whose bank nobody else uses.
 
 - :class:`KernelBank` owns one kernel ``(*kernel_size, in_channels, out_channels)``; a conv of
   narrower width uses the ``[..., :c_in, :c_out]`` slice, so convs of different widths can share.
+  A conv with a smaller kernel along an axis uses the *centred* slice along that axis (a 1 of a
+  3 is ``kernel[1:2]``), so a 1x3x3 conv can draw from a 3x3x3 bank.
 - :class:`TemplateBank` owns ``num_templates`` kernels; each conv that uses it owns a vector of
   mixing coefficients and gets ``sum_t coeff[t] * template[t]`` (Savarese & Maire, ICLR 2019).
 
@@ -25,12 +27,48 @@ PACKAGE = "segshare"
 
 
 def _as_tuple(value: int | Sequence[int], spatial_dims: int, name: str) -> tuple[int, ...]:
+    """``value`` per spatial axis (an int repeats); every entry must be >= 1."""
     if isinstance(value, int):
-        return (value,) * spatial_dims
+        value = (value,) * spatial_dims
     value = tuple(int(v) for v in value)
     if len(value) != spatial_dims:
         raise ValueError(f"{name} must have {spatial_dims} entries, got {value!r}.")
+    if any(v < 1 for v in value):
+        raise ValueError(f"{name} must be >= 1 on every axis, got {value!r}.")
     return value
+
+
+def slice_kernel(
+    kernel,
+    bank_kernel_size: tuple[int, ...],
+    kernel_size: tuple[int, ...],
+    in_channels: int,
+    out_channels: int,
+):
+    """The ``kernel_size`` centre and ``[:in_channels, :out_channels]`` corner of a kernel.
+
+    Args:
+        kernel: ``(*lead, *bank_kernel_size, C_in, C_out)``; leading axes (templates) are kept.
+        bank_kernel_size: The kernel's spatial extent.
+        kernel_size: The extent wanted, per axis ``<=`` the bank's and of the same parity, so
+            that the slice is centred (``kernel[1:2]`` for 1 of 3, ``kernel[1:4]`` for 3 of 5).
+        in_channels: Input width wanted.
+        out_channels: Output width wanted.
+
+    Returns:
+        ``(*lead, *kernel_size, in_channels, out_channels)``; ``kernel`` itself when nothing
+        is cut.
+    """
+    shape = tuple(kernel.shape)
+    lead = len(shape) - len(bank_kernel_size) - 2
+    if tuple(kernel_size) == tuple(bank_kernel_size) and shape[-2:] == (in_channels, out_channels):
+        return kernel
+    if tuple(kernel_size) == tuple(bank_kernel_size):  # the channel corner only
+        return kernel[..., :in_channels, :out_channels]
+    centre = [(big - k) // 2 for big, k in zip(bank_kernel_size, kernel_size, strict=True)]
+    starts = [0] * lead + centre
+    sizes = [*shape[:lead], *kernel_size, in_channels, out_channels]
+    return ops.slice(kernel, [*starts, 0, 0], sizes)
 
 
 def _check_spatial_dims(spatial_dims: int) -> int:
@@ -82,13 +120,28 @@ class KernelBank(keras.layers.Layer):
             trainable=True,
         )
 
-    def get_kernel(self, in_channels: int, out_channels: int, coefficients=None):
-        """The kernel for a conv of the given widths (a slice of the bank's kernel)."""
+    def get_kernel(
+        self,
+        in_channels: int,
+        out_channels: int,
+        coefficients=None,
+        kernel_size: Sequence[int] | None = None,
+    ):
+        """The kernel for a conv of the given widths and kernel size.
+
+        Args:
+            in_channels: The conv's input width (``<=`` the bank's).
+            out_channels: The conv's output width (``<=`` the bank's).
+            coefficients: Unused here (see :class:`TemplateBank`).
+            kernel_size: The conv's kernel extent per axis; ``None`` = the bank's. A smaller
+                extent takes the centred slice along that axis.
+
+        Returns:
+            ``(*kernel_size, in_channels, out_channels)``, a slice of the bank's kernel.
+        """
         del coefficients
-        kernel = self.kernel
-        if in_channels != self.in_channels or out_channels != self.out_channels:
-            kernel = kernel[..., :in_channels, :out_channels]
-        return kernel
+        size = self.kernel_size if kernel_size is None else tuple(kernel_size)
+        return slice_kernel(self.kernel, self.kernel_size, size, in_channels, out_channels)
 
     def check_widths(self, in_channels: int, out_channels: int) -> None:
         """Raise if a conv of these widths cannot draw from this bank."""
@@ -96,6 +149,19 @@ class KernelBank(keras.layers.Layer):
             raise ValueError(
                 f"Bank {self.name!r} holds kernels up to {self.in_channels}->{self.out_channels} "
                 f"channels; a conv {in_channels}->{out_channels} cannot use it."
+            )
+
+    def check_kernel_size(self, kernel_size: tuple[int, ...]) -> None:
+        """Raise unless a conv of this kernel size has a centred slice in this bank."""
+        fits = len(kernel_size) == self.spatial_dims and all(
+            k <= big and (big - k) % 2 == 0
+            for k, big in zip(kernel_size, self.kernel_size, strict=True)
+        )
+        if not fits:
+            raise ValueError(
+                f"Bank {self.name!r} holds {self.kernel_size} kernels; a conv of kernel size "
+                f"{kernel_size!r} has no centred slice in it (each axis must be at most the "
+                f"bank's and differ from it by an even number)."
             )
 
     def call(self, inputs=None):  # A bank is not applied to data.
@@ -151,12 +217,19 @@ class TemplateBank(KernelBank):
         # Each template initialised like an ordinary kernel (fan-in of one kernel).
         return ops.stack([self.kernel_initializer(shape[1:], dtype=dtype) for _ in range(shape[0])])
 
-    def get_kernel(self, in_channels: int, out_channels: int, coefficients=None):
+    def get_kernel(
+        self,
+        in_channels: int,
+        out_channels: int,
+        coefficients=None,
+        kernel_size: Sequence[int] | None = None,
+    ):
+        """``sum_t coefficients[t] * template[t]``, sliced as :meth:`KernelBank.get_kernel`."""
         if coefficients is None:
             raise ValueError(f"TemplateBank {self.name!r} needs the conv's mixing coefficients.")
         templates = ops.cast(self.templates, coefficients.dtype)
-        if in_channels != self.in_channels or out_channels != self.out_channels:
-            templates = templates[..., :in_channels, :out_channels]
+        size = self.kernel_size if kernel_size is None else tuple(kernel_size)
+        templates = slice_kernel(templates, self.kernel_size, size, in_channels, out_channels)
         return ops.tensordot(coefficients, templates, axes=1)
 
     def get_config(self) -> dict:
@@ -177,6 +250,9 @@ class SharedConv(keras.layers.Layer):
         in_channels: Input width (must fit the bank).
         strides: Stride per spatial axis.
         use_bias: Whether the conv adds its own bias.
+        kernel_size: Kernel extent per spatial axis; ``None`` = the bank's. A smaller extent
+            along an axis uses the bank's centred slice there (1 of 3: ``kernel[1:2]``), so it
+            must differ from the bank's by an even number.
     """
 
     def __init__(
@@ -186,6 +262,7 @@ class SharedConv(keras.layers.Layer):
         in_channels: int,
         strides: int | Sequence[int] = 1,
         use_bias: bool = True,
+        kernel_size: int | Sequence[int] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -194,6 +271,10 @@ class SharedConv(keras.layers.Layer):
                 f"SharedConv {self.name!r} needs a KernelBank layer, got {type(bank).__name__}."
             )
         bank.check_widths(in_channels, filters)
+        self.kernel_size = bank.kernel_size
+        if kernel_size is not None:
+            self.kernel_size = _as_tuple(kernel_size, bank.spatial_dims, "kernel_size")
+            bank.check_kernel_size(self.kernel_size)
         self.filters = int(filters)
         self.in_channels = int(in_channels)
         self.bank = bank
@@ -213,7 +294,9 @@ class SharedConv(keras.layers.Layer):
 
     def kernel(self):
         """The kernel this conv applies, ``(*kernel_size, in_channels, filters)``."""
-        return self.bank.get_kernel(self.in_channels, self.filters, self.coefficients)
+        return self.bank.get_kernel(
+            self.in_channels, self.filters, self.coefficients, kernel_size=self.kernel_size
+        )
 
     def call(self, inputs):
         kernel = ops.cast(self.kernel(), self.compute_dtype)
@@ -237,6 +320,7 @@ class SharedConv(keras.layers.Layer):
             in_channels=self.in_channels,
             strides=self.strides,
             use_bias=self.use_bias,
+            kernel_size=self.kernel_size,
         )
         return config
 

@@ -3,30 +3,57 @@
 ``build_unet`` returns a functional ``keras.Model`` mapping ``(B, *spatial, in_channels)`` to logits
 ``(B, *spatial, num_classes)`` (a list of logits, full resolution first, with deep supervision).
 Layer names are deterministic (``encoder_stage2_conv1``, ``decoder_stage1_concat``, ``head``).
+
+Per-stage ``kernel_sizes`` and ``strides`` (MONAI DynUNet's names, nnU-Net's plan entries) make
+the network anisotropic: stage ``s``'s convs have kernel ``kernel_sizes[s]`` and its entry conv
+stride ``strides[s]``; decoder stage ``s`` upsamples by ``strides[s + 1]`` with a transposed conv
+of kernel = stride (as nnU-Net) and its convs use ``kernel_sizes[s]``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import keras
 
-from segshare.models.encoder import SharedEncoder, make_activation, make_norm
+from segshare.models.encoder import (
+    SharedEncoder,
+    default_strides,
+    make_activation,
+    make_norm,
+    per_stage,
+)
 
 DEFAULT_FEATURES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCKS = (1, 2, 2, 2, 2)
 
 
-def check_patch_size(patch_size: Sequence[int], num_stages: int, spatial_dims: int) -> None:
-    """Raise ``ValueError`` unless every patch axis divides by ``2 ** (num_stages - 1)``."""
+def check_patch_size(
+    patch_size: Sequence[int],
+    num_stages: int,
+    spatial_dims: int,
+    strides: Sequence[int | Sequence[int]] | None = None,
+) -> None:
+    """Raise ``ValueError`` unless every patch axis divides by the product of its strides.
+
+    Args:
+        patch_size: Spatial patch size, one entry per axis.
+        num_stages: Encoder stages (``len(features)``).
+        spatial_dims: 2 or 3.
+        strides: Per-stage strides as :func:`build_unet` takes them; ``None`` = ``[1, 2, 2, ...]``
+            (every axis then divides by ``2 ** (num_stages - 1)``).
+    """
     patch_size = tuple(int(p) for p in patch_size)
     if len(patch_size) != spatial_dims:
         raise ValueError(f"patch_size must have {spatial_dims} entries, got {patch_size!r}.")
-    factor = 2 ** (num_stages - 1)
-    if any(p < 1 or p % factor for p in patch_size):
+    strides = per_stage(strides, num_stages, spatial_dims, "strides", default_strides(num_stages))
+    factor = tuple(math.prod(axis) for axis in zip(*strides, strict=True))
+    if any(p < 1 or p % f for p, f in zip(patch_size, factor, strict=True)):
         raise ValueError(
-            f"patch_size {patch_size!r} must be divisible by 2**(stages-1) = {factor} "
-            f"on every axis for {num_stages} stages."
+            f"patch_size {patch_size!r} must be divisible on each axis by the product of that "
+            f"axis's strides, {factor!r}, for {num_stages} stages with strides "
+            f"{[list(t) for t in strides]!r}."
         )
 
 
@@ -45,6 +72,8 @@ def build_unet(
     decoder_blocks: int = 2,
     deep_supervision: bool = False,
     use_bias: bool = True,
+    kernel_sizes: Sequence[int | Sequence[int]] | None = None,
+    strides: Sequence[int | Sequence[int]] | None = None,
     patch_size: Sequence[int] | None = None,
     name: str | None = None,
 ) -> keras.Model:
@@ -61,7 +90,9 @@ def build_unet(
         block: ``"residual"`` (two convs with a skip, as nnU-Net's ResEnc) or ``"plain"`` (one
             conv-norm-act unit; ``blocks_per_stage`` of 1 gives the block structure of nnU-Net's
             PlainConvUNet, two convs per stage).
-        sharing: ``"none" | "stage" | "global" | "template"`` (see ``segshare.models.encoder``).
+        sharing: ``"none" | "stage" | "global" | "template"`` (see ``segshare.models.encoder``;
+            under ``global`` a conv whose kernel is smaller than the bank's along an axis uses
+            the bank's centred slice there).
         num_templates: Templates per stage for ``template`` sharing.
         norm: ``"instance" | "batch"``.
         activation: ``"leaky_relu"`` (default) or a Keras activation name.
@@ -69,28 +100,37 @@ def build_unet(
         decoder_blocks: conv-norm-act units per decoder stage (after upsampling and concat).
         deep_supervision: Also output logits at every coarser decoder resolution.
         use_bias: Whether convs have a bias.
-        patch_size: Fixed spatial input size (validated); ``None`` accepts any divisible size.
+        kernel_sizes: Kernel size of each stage's convs (encoder stage ``s`` and decoder stage
+            ``s``), one entry per stage, an int or one odd size per axis, e.g.
+            ``[[1, 3, 3], [1, 3, 3], [3, 3, 3]]``; ``None`` = 3 everywhere.
+        strides: Stride of each stage's entry conv, one entry per stage, an int or one per axis,
+            e.g. ``[1, [1, 2, 2], [2, 2, 2]]``; the first must be 1 (logits keep the input's
+            size). Decoder stage ``s`` upsamples by ``strides[s + 1]``. ``None`` =
+            ``[1, 2, 2, ...]``.
+        patch_size: Fixed spatial input size (validated against ``strides``); ``None`` accepts
+            any size that divides by the product of each axis's strides.
         name: Model name (default ``unet_<sharing>``).
 
     Returns:
         A ``keras.Model`` from ``(B, *spatial, C)`` to logits ``(B, *spatial, K)``; with deep
-        supervision a list ``[full, 1/2, 1/4, ...]`` of logits.
+        supervision a list ``[full, 1/strides[1], 1/(strides[1]*strides[2]), ...]`` of logits.
     """
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
-    if in_channels < 1:
-        raise ValueError(f"in_channels must be >= 1, got {in_channels!r}.")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes!r}.")
-    if decoder_blocks < 1:
-        raise ValueError(f"decoder_blocks must be >= 1, got {decoder_blocks!r}.")
+    _check_sizes(spatial_dims, in_channels, num_classes, decoder_blocks)
     features = tuple(int(f) for f in features)
+    n = len(features)
     if blocks_per_stage is None:
-        blocks_per_stage = (1,) * len(features)
+        blocks_per_stage = (1,) * n
         if block == "residual":
-            blocks_per_stage = (1,) + (2,) * (len(features) - 1)
+            blocks_per_stage = (1,) + (2,) * (n - 1)
+    kernel_sizes = per_stage(kernel_sizes, n, spatial_dims, "kernel_sizes", (3,) * n, odd=True)
+    strides = per_stage(strides, n, spatial_dims, "strides", default_strides(n))
+    if any(t != 1 for t in strides[0]):
+        raise ValueError(
+            f"strides[0] must be 1 on every axis (the decoder never undoes it, so the logits "
+            f"would be smaller than the input), got {list(strides[0])!r}."
+        )
     if patch_size is not None:
-        check_patch_size(patch_size, len(features), spatial_dims)
+        check_patch_size(patch_size, n, spatial_dims, strides)
     encoder = SharedEncoder(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
@@ -103,13 +143,14 @@ def build_unet(
         activation=activation,
         negative_slope=negative_slope,
         use_bias=use_bias,
+        kernel_sizes=kernel_sizes,
+        strides=strides,
         name="encoder",
     )
     spatial = tuple(patch_size) if patch_size is not None else (None,) * spatial_dims
     inputs = keras.Input((*spatial, in_channels), name="image")
-    skips = encoder(inputs)
     decoder_outputs = _decoder(
-        skips, features, spatial_dims, decoder_blocks, norm, activation, negative_slope, use_bias
+        encoder(inputs), encoder, decoder_blocks, norm, activation, negative_slope, use_bias
     )
     conv = keras.layers.Conv3D if spatial_dims == 3 else keras.layers.Conv2D
     logits = conv(num_classes, 1, name="head", dtype="float32")(decoder_outputs[0])
@@ -122,28 +163,49 @@ def build_unet(
     return keras.Model(inputs, outputs, name=name or f"unet_{sharing}")
 
 
+def _check_sizes(
+    spatial_dims: int, in_channels: int, num_classes: int, decoder_blocks: int
+) -> None:
+    """Raise ``ValueError`` quoting the value for an impossible size argument."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels!r}.")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes!r}.")
+    if decoder_blocks < 1:
+        raise ValueError(f"decoder_blocks must be >= 1, got {decoder_blocks!r}.")
+
+
 def _decoder(
     skips: list,
-    features: tuple[int, ...],
-    spatial_dims: int,
+    encoder: SharedEncoder,
     decoder_blocks: int,
     norm: str,
     activation: str,
     negative_slope: float,
     use_bias: bool,
 ) -> list:
-    """The unshared decoder: per stage a transposed-conv up, the skip concat and conv-norm-act
-    units. Returns each stage's output, full resolution first."""
-    conv = keras.layers.Conv3D if spatial_dims == 3 else keras.layers.Conv2D
-    up = keras.layers.Conv3DTranspose if spatial_dims == 3 else keras.layers.Conv2DTranspose
+    """The unshared decoder: per stage ``s`` a transposed-conv up by ``strides[s + 1]`` (kernel =
+    stride), the skip concat and conv-norm-act units with ``kernel_sizes[s]``, mirroring the
+    encoder. Returns each stage's output, full resolution first."""
+    features, dims = encoder.features, encoder.spatial_dims
+    conv = keras.layers.Conv3D if dims == 3 else keras.layers.Conv2D
+    up = keras.layers.Conv3DTranspose if dims == 3 else keras.layers.Conv2DTranspose
     x = skips[-1]
     outputs = []
     for s in range(len(features) - 2, -1, -1):
-        prefix = f"decoder_stage{s}"
-        x = up(features[s], 2, strides=2, use_bias=use_bias, name=f"{prefix}_upconv")(x)
+        prefix, factor = f"decoder_stage{s}", encoder.strides[s + 1]
+        x = up(features[s], factor, strides=factor, use_bias=use_bias, name=f"{prefix}_upconv")(x)
         x = keras.layers.Concatenate(name=f"{prefix}_concat")([x, skips[s]])
         for j in range(1, decoder_blocks + 1):
-            x = conv(features[s], 3, padding="same", use_bias=use_bias, name=f"{prefix}_conv{j}")(x)
+            x = conv(
+                features[s],
+                encoder.kernel_sizes[s],
+                padding="same",
+                use_bias=use_bias,
+                name=f"{prefix}_conv{j}",
+            )(x)
             x = make_norm(norm, f"{prefix}_conv{j}_norm")(x)
             x = make_activation(activation, negative_slope, f"{prefix}_conv{j}_act")(x)
         outputs.append(x)
