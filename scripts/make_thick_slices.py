@@ -82,14 +82,20 @@ def _check(src: Path, dst: Path, axis: int, factor: int, max_cases: int | None) 
 
 def thin_image(img: nib.Nifti1Image, path: Path, axis: int, factor: int) -> nib.Nifti1Image:
     """Every ``factor``-th slice along voxel ``axis`` (from slice 0), with the stored values and
-    data type, and the affine ``img.affine @ diag(scale)`` (``factor`` on that axis)."""
+    data type, the affine ``img.affine @ diag(scale)`` (``factor`` on that axis) and the source's
+    sform/qform codes."""
     data = read_label_voxels(img, path)  # the stored integers, or float32 when scaled or float
     index = [slice(None)] * data.ndim
     index[axis] = slice(None, None, factor)
     scale = np.ones(4)
     scale[axis] = factor
-    out = nib.Nifti1Image(data[tuple(index)], img.affine @ np.diag(scale), header=img.header)
+    affine = img.affine @ np.diag(scale)
+    out = nib.Nifti1Image(data[tuple(index)], affine, header=img.header)
     out.set_data_dtype(data.dtype)
+    sform_code, qform_code = int(img.header["sform_code"]), int(img.header["qform_code"])
+    if sform_code or qform_code:  # keep the source's codes (the constructor resets them)
+        out.set_sform(affine, code=sform_code)
+        out.set_qform(affine, code=qform_code)
     return out
 
 

@@ -62,8 +62,8 @@ def msd_src(tmp_path) -> Path:
 
 
 def _check_thick(src: Path, dst: Path, axis: int, factor: int, num_cases: int) -> None:
-    """Every converted file: ceil(n / factor) slices, the source's kept slices (same dtype), and
-    voxel centres of kept slices at the same world positions."""
+    """Every converted file: ceil(n / factor) slices, the source's kept slices (same dtype, same
+    sform/qform codes), and voxel centres of kept slices at the same world positions."""
     cases = discover_dataset(src).cases[:num_cases]
     for case in cases:
         for path in [*case.images, case.label]:
@@ -72,6 +72,8 @@ def _check_thick(src: Path, dst: Path, axis: int, factor: int, num_cases: int) -
             shape[axis] = math.ceil(shape[axis] / factor)
             assert new.shape == tuple(shape)
             assert new.get_data_dtype() == old.get_data_dtype()
+            for code in ("sform_code", "qform_code"):
+                assert new.header[code] == old.header[code]
             kept = np.take(np.asarray(old.dataobj), np.arange(0, old.shape[axis], factor), axis)
             np.testing.assert_array_equal(np.asarray(new.dataobj), kept)
             ijk = np.indices(new.shape[:3]).reshape(3, -1).astype(float)
