@@ -69,3 +69,70 @@ def test_shared_conv_refuses_rebuild_from_config_and_bad_banks():
         TemplateBank(3, 3, 4, 4, num_templates=0)
     with pytest.raises(ValueError, match="spatial_dims must be 2 or 3, got 4"):
         KernelBank(4, 3, 4, 4)
+
+
+def test_smaller_kernel_uses_the_centred_slice_of_the_bank():
+    bank = KernelBank(2, (3, 5), in_channels=4, out_channels=5, name="bank")
+    full = np.asarray(bank.kernel)
+    cases = {(1, 3): full[1:2, 1:4], (3, 1): full[:, 2:3], (1, 5): full[1:2], (3, 5): full}
+    x = np.random.default_rng(2).normal(size=(2, 6, 7, 3)).astype("float32")
+    for size, centre in cases.items():
+        conv = SharedConv(2, bank, in_channels=3, kernel_size=size, use_bias=False, name="c")
+        assert conv.kernel_size == size and conv.get_config()["kernel_size"] == size
+        expected = centre[..., :3, :2]
+        np.testing.assert_array_equal(np.asarray(conv.kernel()), expected)
+        np.testing.assert_array_equal(np.asarray(bank.get_kernel(3, 2, kernel_size=size)), expected)
+        np.testing.assert_allclose(
+            np.asarray(conv(x)), _numpy_conv2d_same(x, expected), rtol=1e-4, atol=1e-4
+        )
+    assert SharedConv(2, bank, in_channels=3).kernel_size == (3, 5)  # default: the bank's
+
+
+def test_template_conv_with_a_smaller_kernel_mixes_centred_templates():
+    bank = TemplateBank(3, 3, in_channels=2, out_channels=2, num_templates=2, name="t")
+    conv = SharedConv(2, bank, in_channels=2, kernel_size=(1, 3, 3), use_bias=False, name="c")
+    coeffs = np.array([0.25, -2.0], dtype="float32")
+    conv.coefficients.assign(coeffs)
+    expected = np.tensordot(coeffs, np.asarray(bank.templates)[:, 1:2], axes=1)
+    np.testing.assert_allclose(np.asarray(conv.kernel()), expected, rtol=1e-6, atol=1e-6)
+    x = np.random.default_rng(3).normal(size=(1, 3, 5, 4, 2)).astype("float32")
+    assert tuple(conv(x).shape) == (1, 3, 5, 4, 2)
+
+
+def test_centred_slice_gradient_lands_in_the_centre_of_the_bank():
+    bank = KernelBank(2, 3, in_channels=2, out_channels=2, name="bank")
+    wide = SharedConv(2, bank, in_channels=2, use_bias=False, name="wide")
+    thin = SharedConv(2, bank, in_channels=2, kernel_size=(1, 3), use_bias=False, name="thin")
+    x = keras.ops.convert_to_tensor(
+        np.random.default_rng(4).normal(size=(1, 5, 6, 2)).astype("float32")
+    )
+    grads = {}
+    for key, convs in {"both": (wide, thin), "wide": (wide,), "thin": (thin,)}.items():
+        grads[key] = _kernel_gradient(bank, lambda c=convs: sum(keras.ops.sum(v(x)) for v in c))
+    expected = grads["wide"].copy()
+    expected[1:2] += grads["thin"][1:2]
+    np.testing.assert_allclose(grads["both"], expected, rtol=1e-5, atol=1e-5)
+    assert np.all(grads["thin"][[0, 2]] == 0)  # the thin conv never sees the outer rows
+
+
+def _kernel_gradient(bank, loss_fn):
+    """d loss / d bank.kernel on the TensorFlow backend (the test suite's default)."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("gradient taken with tf.GradientTape")
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        loss = loss_fn()
+    return np.asarray(tape.gradient(loss, bank.kernel.value))
+
+
+def test_shared_conv_refuses_a_kernel_with_no_centred_slice():
+    bank = KernelBank(3, (1, 3, 3), 4, 4, name="bank")
+    with pytest.raises(ValueError, match=r"\(1, 3, 3\) kernels; a conv of kernel size \(3, 3, 3\)"):
+        SharedConv(4, bank, in_channels=4, kernel_size=3)
+    with pytest.raises(ValueError, match=r"kernel size \(1, 2, 3\) has no centred slice"):
+        SharedConv(4, bank, in_channels=4, kernel_size=(1, 2, 3))
+    with pytest.raises(ValueError, match=r"kernel_size must have 3 entries, got \(1, 3\)"):
+        SharedConv(4, bank, in_channels=4, kernel_size=(1, 3))
+    with pytest.raises(ValueError, match=r"kernel_size must be >= 1 on every axis, got \(0, 3\)"):
+        KernelBank(2, (0, 3), 4, 4)
