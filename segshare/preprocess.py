@@ -1,4 +1,5 @@
-"""``segshare-preprocess``: validate a dataset, then fingerprint, plan, cache and split it.
+"""``segshare-preprocess``: validate a dataset, then fingerprint, plan (the preprocessing, and the
+network, patch and batch of every configuration), cache and split it.
 
 Usage: ``segshare-preprocess data.root=DIR [data.preprocessed_dir=OUT]``. Exits 2, listing every
 problem with its file, when the dataset does not validate.
@@ -10,13 +11,16 @@ import hydra
 from omegaconf import DictConfig
 
 from segshare.cli import exit_on_user_error, instantiate
+from segshare.data.planner import format_configurations
 from segshare.data.prepare import PreparedData, prepare_dataset
 from segshare.data.validation import DatasetError
 
 
 def run(cfg: DictConfig) -> PreparedData:
     """Prepare ``cfg.data`` and print a summary; raises ``DatasetError`` on bad data."""
-    prepared = prepare_dataset(instantiate(cfg.data), progress=bool(cfg.progress))
+    prepared = prepare_dataset(
+        instantiate(cfg.data), bool(cfg.progress), planner=instantiate(cfg.plan)
+    )
     plan, fp = prepared.plan, prepared.fingerprint
     print(f"dataset       {prepared.dataset.root} ({fp['num_cases']} cases)")
     print(f"labels        {plan.labels}")
@@ -30,6 +34,8 @@ def run(cfg: DictConfig) -> PreparedData:
         f"{len(prepared.train_ids)} train / {len(prepared.val_ids)} val)"
     )
     print(f"cache         {prepared.cache_dir}")
+    print(f"plan          {prepared.preprocessed_dir / 'plan.json'}")
+    print(format_configurations(plan.configurations))
     return prepared
 
 

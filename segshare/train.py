@@ -10,6 +10,7 @@ folder resumes it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from segshare.cli import exit_on_user_error, instantiate
 from segshare.data.pipeline import TrainingFeed
-from segshare.data.prepare import prepare_dataset
+from segshare.data.planner import (
+    PLANNED_SETTINGS,
+    Configuration,
+    apply_configuration,
+    format_configurations,
+)
+from segshare.data.prepare import DataSettings, prepare_dataset
+from segshare.data.preprocessing import Plan
 from segshare.data.validation import DatasetError
 from segshare.models import check_patch_size, format_parameter_report, parameter_report
 from segshare.training.loop import Trainer, TrainingDiverged
@@ -35,12 +43,14 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     data, window = instantiate(cfg.data), instantiate(cfg.window)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_patch_size(data.patch_size, len(cfg.model.features), int(cfg.model.spatial_dims))
-    prepared = prepare_dataset(data, progress=settings.progress)
+    prepared = prepare_dataset(data, settings.progress, planner=instantiate(cfg.plan))
     plan = prepared.plan
     check_resumable(run_dir, plan)
+    data, planned = planned_settings(plan, str(cfg.configuration), data, cfg.model)
     with strategy.scope():
-        model = instantiate(cfg.model, in_channels=plan.in_channels, num_classes=plan.num_classes)
+        model = instantiate(
+            cfg.model, in_channels=plan.in_channels, num_classes=plan.num_classes, **planned
+        )
         optimizer = instantiate(cfg.optimizer, global_clipnorm=settings.grad_clip_norm)
         optimizer = with_loss_scaling(optimizer, settings.precision)
         optimizer.build(model.trainable_variables)
@@ -51,7 +61,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     )
     if is_chief(strategy):
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-        write_run_files(run_dir, plan, feed.patch_size, report, config_yaml)
+        write_run_files(run_dir, plan, feed.patch_size, report, config_yaml, str(cfg.configuration))
     loss = instantiate(cfg.loss)
     trainer = Trainer(model, optimizer, loss, feed, run_dir, settings, window, strategy=strategy)
     last = trainer.fit()
@@ -61,6 +71,43 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
         last["final_val_dice_fg_mean"] = summary["foreground_mean"].get("Dice", float("nan"))
         objects["summary"] = summary
     return last, objects
+
+
+def planned_settings(
+    plan: Plan, configuration: str, data: DataSettings, model_cfg: DictConfig
+) -> tuple[DataSettings, dict[str, Any]]:
+    """The data settings and model arguments with what was left null filled from the plan's
+    ``configuration``; prints the plan and every explicit override.
+
+    Raises:
+        ValueError: the configuration was not planned, or cannot be trained yet (``2d``).
+    """
+    if configuration not in plan.configurations:
+        raise ValueError(
+            f"configuration={configuration!r} is not in the plan (planned: "
+            f"{sorted(plan.configurations)})."
+        )
+    if configuration == "2d":
+        raise ValueError(
+            "configuration=2d is planned (plan.json) but 2D training is not built yet; "
+            "use configuration=3d_fullres."
+        )
+    chosen_config = Configuration.from_dict(plan.configurations[configuration])
+    given = {key: model_cfg.get(key.split(".")[1]) for key in PLANNED_SETTINGS}
+    given.update({"data.patch_size": data.patch_size, "data.batch_size": data.batch_size})
+    given = {k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for k, v in given.items()}
+    chosen, overrides = apply_configuration(chosen_config, given)
+    print(f"plan ({configuration} is trained):\n{format_configurations(plan.configurations)}")
+    for line in overrides:
+        print(f"override: {line}")
+    data = replace(data, patch_size=chosen["data.patch_size"], batch_size=chosen["data.batch_size"])
+    model_args = {k.split(".")[1]: v for k, v in chosen.items() if k.startswith("model.")}
+    model_args = {k: v for k, v in model_args.items() if v is not None}
+    spatial = int(model_cfg.spatial_dims)
+    check_patch_size(
+        data.patch_size, len(model_args["features"]), spatial, model_args.get("strides")
+    )
+    return data, model_args
 
 
 @hydra.main(version_base="1.3", config_path="pkg://segshare.conf", config_name="train")

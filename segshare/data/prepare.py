@@ -16,6 +16,7 @@ from segshare.data.cache import preprocess_dataset
 from segshare.data.discovery import Dataset, discover_dataset
 from segshare.data.fingerprint import build_fingerprint, make_plan
 from segshare.data.io import read_json, write_json_atomic
+from segshare.data.planner import PlannerSettings, plan_configurations
 from segshare.data.preprocessing import Plan
 from segshare.data.splits import get_split
 from segshare.data.synthetic import SyntheticSpec, ensure_dataset
@@ -41,8 +42,8 @@ class DataSettings:
         normalization: ``"zscore"``/``"ct"`` (all channels, or one per channel); None = by
             channel name.
         anisotropy_threshold: spacing ratio above which one axis is resampled separately.
-        patch_size: training patch ``(D, H, W)`` on the preprocessed grid.
-        batch_size: patches per batch.
+        patch_size: training patch ``(D, H, W)`` on the preprocessed grid; None = planned.
+        batch_size: patches per batch; None = planned.
         oversample_foreground: share of each batch forced onto foreground.
         augment: the augmentation of training patches.
         synthetic: the dataset generated at a missing ``root`` (None: never generate).
@@ -59,8 +60,8 @@ class DataSettings:
     target_spacing: list[float] | None
     normalization: list[str] | str | None
     anisotropy_threshold: float
-    patch_size: list[int]
-    batch_size: int
+    patch_size: list[int] | None
+    batch_size: int | None
     oversample_foreground: float
     augment: AugmentSettings
     synthetic: SyntheticSpec | None
@@ -115,12 +116,16 @@ def _validated_fingerprint(
     return fingerprint
 
 
-def prepare_dataset(settings: DataSettings, progress: bool = True) -> PreparedData:
+def prepare_dataset(
+    settings: DataSettings, progress: bool = True, planner: PlannerSettings | None = None
+) -> PreparedData:
     """Validate, fingerprint, plan, cache and split the dataset of ``settings``.
 
     Args:
         settings: the data settings (``conf/data/*.yaml``, instantiated).
         progress: show progress bars.
+        planner: also plan the network, patch and batch of every configuration
+            (``plan.configurations``; see :mod:`segshare.data.planner`).
 
     Returns:
         The :class:`PreparedData`. ``fingerprint.json``, ``plan.json`` and ``splits.json`` are
@@ -128,6 +133,7 @@ def prepare_dataset(settings: DataSettings, progress: bool = True) -> PreparedDa
 
     Raises:
         DatasetError: listing every problem found (each naming its file).
+        ValueError: the planner cannot plan ``3d_fullres`` (cases too small, budget too small).
     """
     try:
         root = ensure_dataset(settings.root, settings.synthetic)
@@ -146,6 +152,11 @@ def prepare_dataset(settings: DataSettings, progress: bool = True) -> PreparedDa
         normalization=settings.normalization,
         anisotropy_threshold=float(settings.anisotropy_threshold),
     )
+    if planner is not None:
+        plans = plan_configurations(
+            fingerprint, plan.target_spacing, plan.in_channels, plan.num_classes, planner
+        )
+        plan.configurations = {name: c.to_dict() for name, c in plans.items()}
     plan.save(out / "plan.json")
     workers = int(settings.num_workers)
     cache_dir = preprocess_dataset(dataset, out, plan, num_workers=workers, progress=progress)

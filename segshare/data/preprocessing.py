@@ -60,6 +60,9 @@ class Plan:
             skull-stripped MR: the zero background would otherwise dominate the statistics).
         image_order: spline order for images.
         version: plan format version.
+        configurations: the planner's network, patch and batch per configuration
+            (``3d_fullres``, ``2d``, ``3d_lowres``; see ``segshare.data.planner``); not part of
+            the preprocessing, so not part of the cache key.
     """
 
     target_spacing: tuple[float, float, float]
@@ -73,6 +76,7 @@ class Plan:
     use_mask_for_norm: list[bool] | None = None
     image_order: int = 3
     version: int = PLAN_VERSION
+    configurations: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""

@@ -43,6 +43,7 @@ def write_run_files(
     patch_size: tuple[int, ...],
     parameters: dict[str, Any],
     config_yaml: str,
+    configuration: str | None = None,
 ) -> None:
     """Write ``plan.json``, ``run.json``, ``parameters.json`` and ``config.yaml`` (atomically).
 
@@ -52,9 +53,12 @@ def write_run_files(
         patch_size: the training patch (the model's default prediction window).
         parameters: the parameter report (``segshare.models.parameter_report``).
         config_yaml: the composed config, resolved, as YAML.
+        configuration: the planned configuration trained (``3d_fullres``, ...), if any.
     """
     run_dir = Path(run_dir)
     plan.save(run_dir / PLAN_FILE)
-    write_run_info(run_dir, plan, patch_size, sharing=parameters.get("sharing"))
+    write_run_info(
+        run_dir, plan, patch_size, sharing=parameters.get("sharing"), configuration=configuration
+    )
     write_json_atomic(parameters, run_dir / "parameters.json")
     write_text_atomic(config_yaml, run_dir / "config.yaml")

@@ -83,6 +83,29 @@ def _weights(run_dir: Path) -> list[np.ndarray]:
     return [np.asarray(w) for w in model.weights]
 
 
+def test_settings_left_null_come_from_the_plan_and_explicit_ones_are_reported(
+    make_cfg, tmp_path, capsys
+):
+    planned = ["data.patch_size=null", "data.batch_size=null", "model.features=null"]
+    planned += ["model.blocks_per_stage=null", "plan.base_features=4", "trainer.max_epochs=1"]
+    _, objects = train(make_cfg(*planned, run_dir=tmp_path / "planned"))
+    out = capsys.readouterr().out
+    assert "plan (3d_fullres is trained):" in out and "override:" not in out
+    plan = json.loads((tmp_path / "planned" / "plan.json").read_text())["configurations"]
+    info = json.loads((tmp_path / "planned" / "run.json").read_text())
+    assert info["patch_size"] == plan["3d_fullres"]["patch_size"]
+    assert info["trained_with"]["configuration"] == "3d_fullres"
+    encoder = objects["model"].get_layer("encoder")
+    assert list(encoder.features) == plan["3d_fullres"]["features"]
+    train(make_cfg("trainer.max_epochs=1", run_dir=tmp_path / "explicit"))
+    planned_patch = plan["3d_fullres"]["patch_size"]
+    assert f"override: data.patch_size=[16, 16, 16] (planned {planned_patch})" in (
+        capsys.readouterr().out
+    )
+    with pytest.raises(ValueError, match="configuration=2d is planned .* not built yet"):
+        train(make_cfg("configuration=2d", run_dir=tmp_path / "two_d"))
+
+
 def test_resume_2_then_4_epochs_equals_uninterrupted_4(make_cfg, tmp_path):
     det = ["trainer.deterministic=true", "trainer.max_epochs=4", "data.augment.p_rotation=0.5"]
     train(make_cfg(*det, run_dir=tmp_path / "straight"))
