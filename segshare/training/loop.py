@@ -42,7 +42,12 @@ class LoopSettings:
     """The loop's settings (``conf/trainer/default.yaml``; every value is set there).
 
     Attributes:
-        max_epochs: epochs of the run (raising it on a resumed run extends the run).
+        max_epochs: epochs of the run (raising it on a resumed run extends the run); ignored
+            when ``budget_minutes`` is set.
+        budget_minutes: train for this much wall time instead of ``max_epochs``: the number of
+            epochs is derived once, after epoch 0, from its measured step time (steps after the
+            first three) and validation time, and kept in the checkpoints (a resumed run keeps
+            it). None: ``max_epochs``.
         epochs_per_run: stop after this many epochs in one invocation (None: run to the end).
         steps_per_epoch: optimizer steps per epoch.
         val_every: validate every N epochs (and after the last one).
@@ -60,6 +65,7 @@ class LoopSettings:
     """
 
     max_epochs: int
+    budget_minutes: float | None
     epochs_per_run: int | None
     steps_per_epoch: int
     val_every: int
@@ -74,6 +80,29 @@ class LoopSettings:
     deterministic: bool
     seed: int
     progress: bool
+
+    def __post_init__(self) -> None:
+        if self.budget_minutes is not None and not float(self.budget_minutes) > 0:
+            raise ValueError(
+                f"trainer.budget_minutes must be > 0 (or null), got {self.budget_minutes!r}."
+            )
+        if self.budget_minutes is not None and self.strategy == "multi_worker":
+            raise ValueError(
+                "trainer.budget_minutes cannot be used with trainer.strategy=multi_worker (each "
+                "worker would measure its own epoch count); set trainer.max_epochs instead."
+            )
+
+
+def budget_epochs(
+    budget_seconds: float, first_epoch_seconds: float, epoch_seconds: float, val_seconds: float,
+    val_every: int,
+) -> int:  # fmt: skip
+    """Epochs that fit a time budget: epoch 0 (already done, ``first_epoch_seconds``) plus as many
+    epochs of ``epoch_seconds`` (and a validation of ``val_seconds`` every ``val_every`` epochs)
+    as the rest of the budget holds; at least 1."""
+    per_epoch = epoch_seconds + val_seconds / max(int(val_every), 1)
+    rest = budget_seconds - first_epoch_seconds
+    return max(1, 1 + int(rest // per_epoch)) if per_epoch > 0 else 1
 
 
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
@@ -125,6 +154,8 @@ class Trainer:
         self.num_classes = plan.num_classes
         self.label_names = {value: name for name, value in plan.labels.items()}
         self.run_dir, self.s = Path(run_dir), settings
+        # None until epoch 0 of a budgeted run has measured how many epochs fit
+        self.max_epochs = None if settings.budget_minutes is not None else settings.max_epochs
         self.chief = is_chief(self.strategy)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.log_path = self.run_dir / "train_log.csv"
@@ -170,6 +201,8 @@ class Trainer:
         if found is None:
             return 0, -math.inf
         state = load_checkpoint(found, self.model, self.optimizer)
+        if self.s.budget_minutes is not None and state.get("max_epochs"):
+            self.max_epochs = int(state["max_epochs"])  # the budget's epochs, fixed in epoch 0
         epoch = int(state["epoch"]) + 1
         self._truncate_log(epoch)
         print(f"Resuming from {found} at epoch {epoch} (best foreground Dice {state['best']:.4f}).")
@@ -206,29 +239,30 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
-        """Train from the latest checkpoint (if any) to ``max_epochs``; returns the last row."""
+        """Train from the latest checkpoint (if any) to the last epoch; returns the last row."""
         start, best = self._restore()
         last: dict = {}
-        if start >= self.s.max_epochs:
-            print(f"Nothing to do: {self.s.max_epochs} epochs already trained in {self.run_dir}.")
+        if self.max_epochs is not None and start >= self.max_epochs:
+            print(f"Nothing to do: {self.max_epochs} epochs already trained in {self.run_dir}.")
         writer = (
             tf.summary.create_file_writer(str(self.run_dir / "tensorboard")) if self.chief else None
         )
-        stop = self.s.max_epochs
-        if self.s.epochs_per_run:
-            stop = min(stop, start + int(self.s.epochs_per_run))
-        for epoch in range(start, stop):
+        epoch, ran = start, 0
+        while self.max_epochs is None or epoch < self.max_epochs:
+            if self.s.epochs_per_run and ran >= int(self.s.epochs_per_run):
+                break
             t0 = time.perf_counter()
+            planned = self.max_epochs or int(self.s.max_epochs)  # epoch 0 of a budget: provisional
             lr = learning_rate_at(
-                epoch,
-                self.s.max_epochs,
-                self.s.initial_lr,
-                self.s.lr_schedule,
-                self.s.poly_exponent,
+                epoch, planned, self.s.initial_lr, self.s.lr_schedule, self.s.poly_exponent
             )
-            row = {"epoch": epoch, "train_loss": self._train_epoch(epoch, lr), "lr": lr}
+            loss, step_seconds = self._train_epoch(epoch, lr)
+            row = {"epoch": epoch, "train_loss": loss, "lr": lr}
+            t_val = time.perf_counter()
             if self.chief and (
-                (epoch + 1) % self.s.val_every == 0 or epoch + 1 == self.s.max_epochs
+                (epoch + 1) % self.s.val_every == 0
+                or epoch + 1 == self.max_epochs
+                or self.max_epochs is None  # budget: time one validation in epoch 0
             ):
                 row.update(self.validate())
                 score = row["val_dice_fg_mean"]
@@ -236,20 +270,37 @@ class Trainer:
                     best = score
                     self._save_best()
                     self._checkpoint("best", epoch, best, lr)
+            if self.max_epochs is None:
+                self._fix_budget(t0, t_val, step_seconds)
             row["best_val_dice_fg_mean"] = best if math.isfinite(best) else float("nan")
             row["seconds"] = round(time.perf_counter() - t0, 2)
             if self.chief:
                 self._record(row, writer)
                 self._checkpoint("latest", epoch, best, lr)
-            last = row
-        if stop < self.s.max_epochs and self.chief:
-            print(f"Stopped after epoch {stop - 1} (trainer.epochs_per_run); rerun to continue.")
+            last, epoch, ran = row, epoch + 1, ran + 1
+        if self.max_epochs is not None and epoch < self.max_epochs and self.chief:
+            print(f"Stopped after epoch {epoch - 1} (trainer.epochs_per_run); rerun to continue.")
         if self.chief and not (self.run_dir / "model.keras").exists():
             self._save_best()  # no validation score yet: keep the last model
         return last
 
-    def _train_epoch(self, epoch: int, lr: float) -> float:
-        """The optimizer steps of ``epoch`` at learning rate ``lr``; returns the mean loss.
+    def _fix_budget(self, t0: float, t_val: float, step_seconds: list[float]) -> None:
+        """After epoch 0 of a budgeted run: the number of epochs that fit the budget."""
+        now = time.perf_counter()
+        steady = step_seconds[3:] or step_seconds
+        epoch_s = float(np.median(steady)) * self.s.steps_per_epoch
+        self.max_epochs = budget_epochs(
+            60.0 * float(self.s.budget_minutes), now - t0, epoch_s, now - t_val, self.s.val_every
+        )
+        print(
+            f"Budget {self.s.budget_minutes} min: {self.max_epochs} epochs of "
+            f"{self.s.steps_per_epoch} steps ({np.median(steady):.3f} s/step, validation "
+            f"{now - t_val:.1f} s every {self.s.val_every} epochs)."
+        )
+
+    def _train_epoch(self, epoch: int, lr: float) -> tuple[float, list[float]]:
+        """The optimizer steps of ``epoch`` at learning rate ``lr``; returns the mean loss and
+        each step's seconds.
 
         Raises:
             TrainingDiverged: the loss became NaN or infinite.
@@ -258,15 +309,17 @@ class Trainer:
         keras.utils.set_random_seed(self.s.seed + epoch)
         dataset = self.feed.batches(epoch)
         iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
-        losses = []
+        losses, seconds = [], []
         bar = tqdm(
             range(self.s.steps_per_epoch),
-            desc=f"epoch {epoch + 1}/{self.s.max_epochs}",
+            desc=f"epoch {epoch + 1}/{self.max_epochs or '?'}",
             disable=not (self.s.progress and self.chief),
             leave=False,
         )
         for _ in bar:
+            t = time.perf_counter()
             loss = float(self._train_step(iterator))
+            seconds.append(time.perf_counter() - t)
             if not math.isfinite(loss):
                 raise TrainingDiverged(
                     f"Loss became {loss} in epoch {epoch}; stopped. The last good checkpoint "
@@ -274,7 +327,7 @@ class Trainer:
                 )
             losses.append(loss)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-        return float(np.mean(losses))
+        return float(np.mean(losses)), seconds
 
     def _checkpoint(self, name: str, epoch: int, best: float, lr: float) -> None:
         state = self._state(epoch, best, lr)
@@ -298,5 +351,6 @@ class Trainer:
             "best": best if math.isfinite(best) else -1.0,
             "learning_rate": lr,
             "seed": self.s.seed,
+            "max_epochs": self.max_epochs,
             "rng": {"keras_seed": self.s.seed + epoch, "data_seed": [self.s.seed, epoch]},
         }

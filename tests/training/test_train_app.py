@@ -106,6 +106,19 @@ def test_settings_left_null_come_from_the_plan_and_explicit_ones_are_reported(
         train(make_cfg("configuration=2d", run_dir=tmp_path / "two_d"))
 
 
+def test_a_time_budget_derives_the_epochs_once_and_resume_keeps_them(make_cfg, tmp_path, capsys):
+    run = tmp_path / "budget"
+    # 3 s: the epoch count is derived from epoch 0's steps and validation, printed and kept
+    train(make_cfg("trainer.budget_minutes=0.05", "trainer.epochs_per_run=1", run_dir=run))
+    state = json.loads((run / "checkpoints" / "latest" / "state.json").read_text())
+    epochs = state["max_epochs"]
+    assert epochs >= 1 and f"Budget 0.05 min: {epochs} epochs of 3 steps" in capsys.readouterr().out
+    train(make_cfg("trainer.budget_minutes=0.05", run_dir=run))  # resumes: the same epoch count
+    assert [int(r["epoch"]) for r in _log(run)] == list(range(epochs))
+    with pytest.raises(ValueError, match="trainer.budget_minutes must be > 0"):
+        train(make_cfg("trainer.budget_minutes=0", run_dir=tmp_path / "zero"))
+
+
 def test_resume_2_then_4_epochs_equals_uninterrupted_4(make_cfg, tmp_path):
     det = ["trainer.deterministic=true", "trainer.max_epochs=4", "data.augment.p_rotation=0.5"]
     train(make_cfg(*det, run_dir=tmp_path / "straight"))

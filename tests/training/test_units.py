@@ -8,7 +8,7 @@ import pytest
 
 from segshare.losses import DiceCELoss, deep_supervision_weights, dice_ce_loss, soft_dice_loss
 from segshare.training.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
-from segshare.training.loop import dice_per_class
+from segshare.training.loop import budget_epochs, dice_per_class
 from segshare.training.schedules import learning_rate_at
 from segshare.training.strategy import make_strategy
 
@@ -107,3 +107,10 @@ def test_nanmean_ignores_nan_without_warnings():
         out = _nanmean(np.array([[0.5, np.nan], [1.0, np.nan]]))
     assert out[0] == pytest.approx(0.75) and np.isnan(out[1])
     assert float(_nanmean(np.array([0.2, np.nan, 0.4]))) == pytest.approx(0.3)
+
+
+def test_budget_epochs_fill_the_time_left_after_epoch_0():
+    # 10 min budget, epoch 0 took 70 s, then 50 s per epoch + 20 s validation every 2 epochs
+    assert budget_epochs(600, 70, 50, 20, 2) == 1 + int(530 // 60) == 9
+    assert budget_epochs(60, 70, 50, 20, 1) == 1  # epoch 0 alone overran: it is the run
+    assert budget_epochs(600, 10, 0, 0, 1) == 1
