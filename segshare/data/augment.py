@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage
@@ -245,6 +246,34 @@ def spatial_augment(
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
+@lru_cache(maxsize=256)
+def _resize_operator(n_in: int, n_out: int, order: int) -> np.ndarray:
+    """The ``(n_out, n_in)`` matrix of ``ndimage.zoom`` along one axis (spline ``order``, grid
+    mode, edge values repeated): the columns are the zoomed unit vectors."""
+    columns = [
+        ndimage.zoom(e, n_out / n_in, order=order, mode="nearest", grid_mode=True)
+        for e in np.eye(n_in)
+    ]
+    matrix = np.stack(columns, axis=1).astype(np.float32)
+    matrix.flags.writeable = False
+    return matrix
+
+
+def _resize(array: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
+    """``ndimage.zoom(array, shape / array.shape, order, mode="nearest", grid_mode=True)`` of a
+    3D array, one axis at a time (spline interpolation is separable): many times faster for
+    cubic; ``einsum`` rather than BLAS, whose threads contend with the pipeline's workers."""
+    for axis, n_out in enumerate(int(n) for n in shape):
+        if n_out != array.shape[axis]:
+            matrix = _resize_operator(array.shape[axis], n_out, order)
+            if order == 0:  # one-hot rows: a selection
+                array = np.take(array, matrix.argmax(axis=1), axis=axis)
+            else:
+                sub = "ijk"[axis]
+                array = np.einsum(f"z{sub},ijk->{'ijk'.replace(sub, 'z')}", matrix, array)
+    return array
+
+
 def simulate_low_resolution(
     channel: np.ndarray, zoom: float, thin: int | None = None
 ) -> np.ndarray:
@@ -256,9 +285,8 @@ def simulate_low_resolution(
     small_shape = np.where(_in_plane(thin) > 0, np.maximum(np.round(shape * zoom), 1), shape)
     if np.array_equal(small_shape, shape):
         return channel
-    small = ndimage.zoom(channel, small_shape / shape, order=0, mode="nearest", grid_mode=True)
-    up = ndimage.zoom(small, shape / small_shape, order=3, mode="nearest", grid_mode=True)
-    return np.clip(up, small.min(), small.max())
+    small = _resize(channel, small_shape, order=0)
+    return np.clip(_resize(small, shape, order=3), small.min(), small.max())
 
 
 def gamma_transform(

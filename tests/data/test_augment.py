@@ -180,6 +180,19 @@ def test_low_resolution_keeps_shape_and_is_the_identity_at_zoom_one():
         assert np.corrcoef(low.ravel(), image[..., 1].ravel())[0, 1] > 0.99  # still the image
 
 
+@pytest.mark.parametrize("shape", [(33, 34, 35), (7, 50, 61)])
+def test_low_resolution_equals_scipy_zoom_down_and_up(shape):
+    from scipy import ndimage
+
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    for zoom in (0.5, 0.63, 0.91):
+        small = np.maximum(np.round(np.asarray(shape) * zoom), 1) / shape
+        down = ndimage.zoom(x, small, order=0, mode="nearest", grid_mode=True)
+        up = ndimage.zoom(down, 1 / small, order=3, mode="nearest", grid_mode=True)
+        ref = np.clip(up, down.min(), down.max())
+        np.testing.assert_allclose(simulate_low_resolution(x, zoom), ref, atol=1e-5)
+
+
 def test_low_resolution_of_a_dummy_2d_patch_does_not_mix_slices():
     steps = np.arange(6, dtype=np.float32) ** 2  # one value per slice along the thin axis 1
     image = np.broadcast_to(steps[None, :, None], (30, 6, 32)).copy()
