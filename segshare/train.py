@@ -46,7 +46,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     prepared = prepare_dataset(data, settings.progress, planner=instantiate(cfg.plan))
     plan = prepared.plan
     check_resumable(run_dir, plan)
-    data, planned = planned_settings(plan, str(cfg.configuration), data, cfg.model)
+    data, planned, slice_axis = planned_settings(plan, str(cfg.configuration), data, cfg.model)
     with strategy.scope():
         model = instantiate(
             cfg.model, in_channels=plan.in_channels, num_classes=plan.num_classes, **planned
@@ -57,11 +57,13 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     report = parameter_report(model)
     print(format_parameter_report(report))
     feed = TrainingFeed(
-        prepared, data, settings.seed, settings.steps_per_epoch, settings.max_val_cases
+        prepared, data, settings.seed, settings.steps_per_epoch, settings.max_val_cases, slice_axis
     )
     if is_chief(strategy):
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-        write_run_files(run_dir, plan, feed.patch_size, report, config_yaml, str(cfg.configuration))
+        write_run_files(
+            run_dir, plan, feed.patch_size, report, config_yaml, cfg.configuration, slice_axis
+        )
     loss = instantiate(cfg.loss)
     trainer = Trainer(model, optimizer, loss, feed, run_dir, settings, window, strategy=strategy)
     last = trainer.fit()
@@ -75,22 +77,18 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
 
 def planned_settings(
     plan: Plan, configuration: str, data: DataSettings, model_cfg: DictConfig
-) -> tuple[DataSettings, dict[str, Any]]:
+) -> tuple[DataSettings, dict[str, Any], int | None]:
     """The data settings and model arguments with what was left null filled from the plan's
-    ``configuration``; prints the plan and every explicit override.
+    ``configuration`` (its ``spatial_dims`` always), and its slice axis (2D); prints the plan
+    and every explicit override.
 
     Raises:
-        ValueError: the configuration was not planned, or cannot be trained yet (``2d``).
+        ValueError: the configuration was not planned, or the patch does not fit the network.
     """
     if configuration not in plan.configurations:
         raise ValueError(
             f"configuration={configuration!r} is not in the plan (planned: "
             f"{sorted(plan.configurations)})."
-        )
-    if configuration == "2d":
-        raise ValueError(
-            "configuration=2d is planned (plan.json) but 2D training is not built yet; "
-            "use configuration=3d_fullres."
         )
     chosen_config = Configuration.from_dict(plan.configurations[configuration])
     given = {key: model_cfg.get(key.split(".")[1]) for key in PLANNED_SETTINGS}
@@ -103,11 +101,14 @@ def planned_settings(
     data = replace(data, patch_size=chosen["data.patch_size"], batch_size=chosen["data.batch_size"])
     model_args = {k.split(".")[1]: v for k, v in chosen.items() if k.startswith("model.")}
     model_args = {k: v for k, v in model_args.items() if v is not None}
-    spatial = int(model_cfg.spatial_dims)
+    model_args["spatial_dims"] = chosen_config.spatial_dims
     check_patch_size(
-        data.patch_size, len(model_args["features"]), spatial, model_args.get("strides")
+        data.patch_size,
+        len(model_args["features"]),
+        chosen_config.spatial_dims,
+        model_args.get("strides"),
     )
-    return data, model_args
+    return data, model_args, chosen_config.slice_axis
 
 
 @hydra.main(version_base="1.3", config_path="pkg://segshare.conf", config_name="train")

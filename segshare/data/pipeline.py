@@ -20,9 +20,23 @@ from segshare.data.prepare import DataSettings, PreparedData
 from segshare.data.sampling import PatchSampler
 
 
+def volume_patch(patch_size: Sequence[int], slice_axis: int | None) -> tuple[int, ...]:
+    """The 3D patch drawn from the volumes: ``patch_size`` itself, or for a 2D patch of the
+    in-plane axes a slice one voxel thick across ``slice_axis``."""
+    patch = [int(p) for p in patch_size]
+    if slice_axis is None:
+        return tuple(patch)
+    if len(patch) != 2:
+        raise ValueError(f"a 2D patch needs two sizes, got {list(patch_size)}")
+    patch.insert(int(slice_axis), 1)
+    return tuple(patch)
+
+
 class BatchMaker:
     """Makes batch ``index``: sample ``batch_size`` patches, augment each; returns
-    x ``(B, *patch, C)`` float32 and y ``(B, *patch)`` int32."""
+    x ``(B, *patch, C)`` float32 and y ``(B, *patch)`` int32. With ``slice_axis`` the sampler's
+    patches are slices one voxel thick (augmented in-plane, as anisotropic patches are) and the
+    batch is 2D: that axis is squeezed out."""
 
     def __init__(
         self,
@@ -30,23 +44,36 @@ class BatchMaker:
         batch_size: int,
         augmentation: AugmentSettings | None,
         seed: int,
+        slice_axis: int | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.sampler, self.batch_size, self.seed = sampler, int(batch_size), int(seed)
-        self.augmentation = augmentation
+        self.augmentation, self.slice_axis = augmentation, slice_axis
         self.margin = spatial_margin(augmentation, sampler.patch_size)
+        if slice_axis is not None:  # never draw neighbouring slices
+            self.margin = tuple(0 if a == slice_axis else m for a, m in enumerate(self.margin))
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        """The batch's spatial shape (2D without the slice axis)."""
+        patch = self.sampler.patch_size
+        if self.slice_axis is None:
+            return tuple(patch)
+        return tuple(p for a, p in enumerate(patch) if a != self.slice_axis)
 
     def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, int(index)])
         x, y = self.sampler.sample_batch(self.batch_size, rng, self.margin)
-        if self.augmentation is None:
-            return x, y
-        pairs = [
-            augment(x[b], y[b], self.augmentation, rng, self.sampler.patch_size)
-            for b in range(len(x))
-        ]
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        if self.augmentation is not None:
+            pairs = [
+                augment(x[b], y[b], self.augmentation, rng, self.sampler.patch_size)
+                for b in range(len(x))
+            ]
+            x, y = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        if self.slice_axis is not None:
+            x, y = np.squeeze(x, 1 + self.slice_axis), np.squeeze(y, 1 + self.slice_axis)
+        return x, y
 
 
 def _tf_dataset(maker: BatchMaker, patch_size: Sequence[int], channels: int, workers: int):
@@ -102,13 +129,14 @@ def make_training_data(
     num_workers: int = 2,
     steps_per_epoch: int = 250,
     use_multiprocessing: bool = False,
+    slice_axis: int | None = None,
 ):
     """Training batches ``(x, y)``: x ``(B, *patch, C)`` float32, y ``(B, *patch)`` int32.
 
     Args:
         cache_dir: the cache folder (``PreparedData.cache_dir``).
         case_ids: cases to draw from (``PreparedData.train_ids``).
-        patch_size: ``(D, H, W)``.
+        patch_size: ``(D, H, W)``; with ``slice_axis`` the two in-plane sizes of 2D patches.
         batch_size: patches per batch.
         oversample_foreground: share of each batch forced onto foreground.
         augmentation: the augmentation of each patch; None disables it.
@@ -119,15 +147,17 @@ def make_training_data(
         num_workers: parallel map calls / PyDataset workers.
         steps_per_epoch: PyDataset length.
         use_multiprocessing: PyDataset workers as processes instead of threads.
+        slice_axis: draw 2D patches: slices across this axis of the (RAS) volumes.
     """
-    sampler = PatchSampler(cache_dir, case_ids, patch_size, oversample_foreground)
-    maker = BatchMaker(sampler, batch_size, augmentation, seed)
+    volume = volume_patch(patch_size, slice_axis)
+    sampler = PatchSampler(cache_dir, case_ids, volume, oversample_foreground)
+    maker = BatchMaker(sampler, batch_size, augmentation, seed, slice_axis)
     if backend == "auto":
         import keras
 
         backend = "tf" if keras.backend.backend() == "tensorflow" else "pydataset"
     if backend == "tf":
-        return _tf_dataset(maker, sampler.patch_size, sampler.num_channels, num_workers)
+        return _tf_dataset(maker, maker.patch_size, sampler.num_channels, num_workers)
     if backend == "pydataset":
         return _py_dataset(maker, int(steps_per_epoch), int(num_workers), use_multiprocessing)
     raise ValueError(f"backend must be 'auto', 'tf' or 'pydataset', got {backend!r}")
@@ -143,6 +173,7 @@ class TrainingFeed:
         seed: the run's seed; epoch ``e`` draws batches from ``seed * 10007 + e``.
         steps_per_epoch: batches per epoch (the PyDataset's length).
         max_val_cases: validate on at most this many of the fold's validation cases (None: all).
+        slice_axis: train a 2D network on slices across this axis (None: 3D).
     """
 
     prepared: PreparedData
@@ -150,11 +181,17 @@ class TrainingFeed:
     seed: int
     steps_per_epoch: int
     max_val_cases: int | None = None
+    slice_axis: int | None = None
 
     @property
     def patch_size(self) -> tuple[int, ...]:
-        """The training patch ``(D, H, W)``."""
+        """The network's training patch (3D, or the two in-plane sizes in 2D)."""
         return tuple(int(p) for p in self.data.patch_size)
+
+    @property
+    def window_size(self) -> tuple[int, ...]:
+        """The 3D window over a volume that the patch is (one voxel thick in 2D)."""
+        return volume_patch(self.patch_size, self.slice_axis)
 
     def batches(self, epoch: int):
         """The batches of ``epoch`` (see :func:`make_training_data`)."""
@@ -168,6 +205,7 @@ class TrainingFeed:
             seed=int(self.seed) * 10007 + epoch,
             num_workers=int(self.data.num_workers),
             steps_per_epoch=int(self.steps_per_epoch),
+            slice_axis=self.slice_axis,
         )
 
     def validation_cases(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:

@@ -95,8 +95,8 @@ def make_predict_fn(
     if backend == "tensorflow":
         import tensorflow as tf
 
-        channels = model.inputs[0].shape[-1] if getattr(model, "inputs", None) else None
-        spec = tf.TensorSpec([None, None, None, None, channels], tf.float32)
+        shape = model.inputs[0].shape if getattr(model, "inputs", None) else (None,) * 5
+        spec = tf.TensorSpec([None] * (len(shape) - 1) + [shape[-1]], tf.float32)
 
         @tf.function(input_signature=[spec])
         def forward(x):
@@ -161,5 +161,23 @@ def _jax_predict_fn(model: Any, flips: list[tuple[int, ...]]) -> Callable[[np.nd
             pad = np.zeros((batch_size[0] - n, *batch.shape[1:]), batch.dtype)
             batch = np.concatenate([batch, pad])
         return np.asarray(forward(trainable, non_trainable, batch))[:n]
+
+    return predict
+
+
+def slice_predict_fn(
+    predict_fn: Callable[[np.ndarray], np.ndarray], slice_axis: int
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A 2D network's ``predict_fn`` applied to 3D windows one voxel thick across ``slice_axis``
+    (0, 1, 2 = D, H, W): ``(B, *window, C)`` -> ``(B, *window, K)``, the slices in one batch."""
+    axis = 1 + int(slice_axis)
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        if batch.shape[axis] != 1:
+            raise ValueError(
+                f"a 2D model predicts windows one voxel thick along axis {slice_axis}, got a "
+                f"window of {list(batch.shape[1:-1])}."
+            )
+        return np.expand_dims(predict_fn(np.squeeze(batch, axis)), axis)
 
     return predict

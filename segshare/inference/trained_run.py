@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 
 from segshare.data.io import read_json, write_json_atomic
+from segshare.data.pipeline import volume_patch
 from segshare.data.preprocessing import Plan
 from segshare.data.validation import DEFAULT_MAX_VOXELS
-from segshare.inference.model_io import load_model_safely, make_predict_fn
+from segshare.inference.model_io import load_model_safely, make_predict_fn, slice_predict_fn
 from segshare.inference.predictor import Predictor
 from segshare.inference.sliding_window import WindowSettings, check_window_args
 
@@ -36,14 +37,20 @@ RUN_FORMAT = 1
 
 
 def write_run_info(
-    folder: str | Path, plan: Plan, patch_size: Sequence[int], **trained_with: Any
+    folder: str | Path,
+    plan: Plan,
+    patch_size: Sequence[int],
+    slice_axis: int | None = None,
+    **trained_with: Any,
 ) -> Path:
     """Write ``run.json`` into a run folder (atomically).
 
     Args:
         folder: the run folder (``model.keras`` and ``plan.json`` go beside it).
         plan: the preprocessing plan the model is trained with (channels, classes, labels).
-        patch_size: the training patch: the window prediction uses by default.
+        patch_size: the training patch: the window prediction uses by default (2 sizes for a 2D
+            network).
+        slice_axis: for a 2D network, the (RAS) volume axis its slices are taken across.
         trained_with: provenance to record (sharing scheme, precision, versions, ...).
     """
     import keras
@@ -55,6 +62,7 @@ def write_run_info(
         "model_file": MODEL_FILE,
         "plan_file": PLAN_FILE,
         "patch_size": [int(p) for p in patch_size],
+        "slice_axis": None if slice_axis is None else int(slice_axis),
         "in_channels": plan.in_channels,
         "num_classes": plan.num_classes,
         "labels": dict(plan.labels),
@@ -76,7 +84,7 @@ class TrainedRun:
         folder: the run folder.
         model_file: the ``.keras`` file.
         plan: the preprocessing plan the model was trained with.
-        patch_size: the training patch (the default prediction window).
+        patch_size: the training patch (3D, or the two in-plane sizes of a 2D network).
         info: the ``run.json`` contents (empty for a run written before it existed).
     """
 
@@ -85,6 +93,16 @@ class TrainedRun:
     plan: Plan
     patch_size: tuple[int, ...]
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def slice_axis(self) -> int | None:
+        """For a 2D network, the volume axis its slices are taken across; None in 3D."""
+        return self.info.get("slice_axis")
+
+    @property
+    def window_size(self) -> tuple[int, ...]:
+        """The default 3D window: the training patch (one voxel thick for a 2D network)."""
+        return volume_patch(self.patch_size, self.slice_axis)
 
     @property
     def in_channels(self) -> int:
@@ -126,7 +144,8 @@ class TrainedRun:
         any case is read.
 
         Args:
-            window: the sliding window (``roi_size`` None = :attr:`patch_size`).
+            window: the sliding window over the volume (``roi_size`` None =
+                :attr:`window_size`; for a 2D network one voxel thick along the slice axis).
             tta: average over the mirrorings along ``mirror_axes``.
             mirror_axes: spatial axes (0, 1, 2 = D, H, W) mirrored by ``tta``.
             progress: show a progress bar over the windows of each case.
@@ -137,11 +156,16 @@ class TrainedRun:
             ValueError: the model cannot predict a window of ``roi_size`` or gives the wrong
                 number of classes.
         """
-        window = window.with_default_roi(self.patch_size)
-        axes = [int(a) + 1 for a in mirror_axes]  # batch axes 1..3
-        predict_fn = make_predict_fn(
-            self.load_model() if model is None else model, tta=tta, mirror_axes=axes
-        )
+        window = window.with_default_roi(self.window_size)
+        model = self.load_model() if model is None else model
+        if self.slice_axis is None:
+            axes = [int(a) + 1 for a in mirror_axes]  # batch axes 1..3
+            predict_fn = make_predict_fn(model, tta=tta, mirror_axes=axes)
+        else:  # the 2D network's batch axes 1, 2 are the in-plane volume axes
+            plane = [a for a in range(3) if a != self.slice_axis]
+            axes = [plane.index(int(a)) + 1 for a in mirror_axes if int(a) in plane]
+            predict_fn = make_predict_fn(model, tta=tta, mirror_axes=axes)
+            predict_fn = slice_predict_fn(predict_fn, self.slice_axis)
         check_window(predict_fn, window.roi_size, self.in_channels, self.num_classes)
         return Predictor(predict_fn, self.plan, window, progress=progress, max_voxels=max_voxels)
 
@@ -207,7 +231,7 @@ def _check_run_info(info: Any, plan: Plan, path: Path) -> None:
         found = info.get("format") if isinstance(info, dict) else type(info).__name__
         raise ValueError(f"{path}: run format {found!r}, this segshare reads {RUN_FORMAT}.")
     try:
-        check_window_args(info["patch_size"])
+        check_window_args(volume_patch(info["patch_size"], info.get("slice_axis")))
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: no valid patch_size ({err}).") from None
     for key in ("in_channels", "num_classes", "labels"):

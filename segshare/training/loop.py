@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from segshare.data.io import write_text_atomic
 from segshare.data.pipeline import TrainingFeed
 from segshare.evaluation.overlap import overlap_metrics
-from segshare.inference.model_io import make_predict_fn
+from segshare.inference.model_io import make_predict_fn, slice_predict_fn
 from segshare.inference.sliding_window import WindowSettings
 from segshare.training.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
 from segshare.training.schedules import learning_rate_at
@@ -149,7 +149,7 @@ class Trainer:
     ):
         self.strategy = strategy or tf.distribute.get_strategy()
         self.model, self.optimizer, self.loss_fn, self.feed = model, optimizer, loss_fn, feed
-        self.window = window.with_default_roi(feed.patch_size)
+        self.window = window.with_default_roi(feed.window_size)
         plan = feed.prepared.plan
         self.num_classes = plan.num_classes
         self.label_names = {value: name for name, value in plan.labels.items()}
@@ -163,6 +163,8 @@ class Trainer:
             self._distributed_step, jit_compile=resolve_jit_compile(settings.jit_compile)
         )
         self._predict = make_predict_fn(model)
+        if feed.slice_axis is not None:  # a 2D network validates slice by slice
+            self._predict = slice_predict_fn(self._predict, feed.slice_axis)
 
     # -- steps -------------------------------------------------------------------------------
     def _replica_step(self, x, y):

@@ -44,6 +44,7 @@ def write_run_files(
     parameters: dict[str, Any],
     config_yaml: str,
     configuration: str | None = None,
+    slice_axis: int | None = None,
 ) -> None:
     """Write ``plan.json``, ``run.json``, ``parameters.json`` and ``config.yaml`` (atomically).
 
@@ -54,11 +55,17 @@ def write_run_files(
         parameters: the parameter report (``segshare.models.parameter_report``).
         config_yaml: the composed config, resolved, as YAML.
         configuration: the planned configuration trained (``3d_fullres``, ...), if any.
+        slice_axis: for a 2D network, the volume axis its slices are taken across.
     """
     run_dir = Path(run_dir)
     plan.save(run_dir / PLAN_FILE)
     write_run_info(
-        run_dir, plan, patch_size, sharing=parameters.get("sharing"), configuration=configuration
+        run_dir,
+        plan,
+        patch_size,
+        slice_axis,
+        sharing=parameters.get("sharing"),
+        configuration=configuration,
     )
     write_json_atomic(parameters, run_dir / "parameters.json")
     write_text_atomic(config_yaml, run_dir / "config.yaml")

@@ -136,6 +136,20 @@ def test_import_segshare_is_enough_for_plain_keras_load_model(tmp_path):
     assert code_ != 0 and "SharedEncoder" in stderr
 
 
+def test_a_2d_model_predicts_3d_windows_slice_by_slice():
+    from segshare.inference.model_io import slice_predict_fn
+
+    inputs = keras.Input((None, None, 1))
+    model = keras.Model(inputs, keras.layers.Conv2D(3, 3, padding="same")(inputs))
+    predict_2d = make_predict_fn(model)
+    window = np.random.default_rng(0).normal(size=(4, 9, 1, 7, 1)).astype(np.float32)
+    got = slice_predict_fn(predict_2d, slice_axis=1)(window)
+    assert got.shape == (4, 9, 1, 7, 3)
+    np.testing.assert_allclose(got[:, :, 0], predict_2d(window[:, :, 0]), rtol=1e-6)
+    with pytest.raises(ValueError, match="one voxel thick along axis 1"):
+        slice_predict_fn(predict_2d, slice_axis=1)(np.zeros((1, 9, 2, 7, 1), np.float32))
+
+
 def test_loaded_model_predicts_like_the_original(tmp_path):
     model = threshold_model()
     path = tmp_path / "m.keras"

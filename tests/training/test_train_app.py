@@ -106,6 +106,34 @@ def test_settings_left_null_come_from_the_plan_and_explicit_ones_are_reported(
         train(make_cfg("configuration=2d", run_dir=tmp_path / "two_d"))
 
 
+def test_the_2d_configuration_trains_on_slices_and_predicts_whole_volumes(make_cfg, tmp_path):
+    import nibabel as nib
+
+    run = tmp_path / "two_d"
+    cfg = make_cfg(
+        "configuration=2d",
+        "data.patch_size=null",
+        "data.batch_size=null",
+        "trainer.max_epochs=1",
+        "final_evaluation=true",
+        run_dir=run,
+    )
+    _, objects = train(cfg)
+    plan = json.loads((run / "plan.json").read_text())["configurations"]["2d"]
+    info = json.loads((run / "run.json").read_text())
+    assert info["patch_size"] == plan["patch_size"] and len(plan["patch_size"]) == 2
+    assert info["slice_axis"] == plan["slice_axis"]
+    assert len(objects["model"].inputs[0].shape) == 4  # (B, H, W, C): a 2D network
+    summary = json.loads((run / "validation" / "summary.json").read_text())
+    val = [c for c in objects["prepared"].dataset.cases if c.case_id in objects["prepared"].val_ids]
+    assert len(summary["metric_per_case"]) == len(val)
+    for case in val:  # whole volumes on their own grids, from slices
+        pred = nib.load(run / "validation" / "predictions" / f"{case.case_id}.nii.gz")
+        image = nib.load(case.images[0])
+        assert pred.shape == image.shape[:3]
+        np.testing.assert_allclose(pred.affine, image.affine)
+
+
 def test_a_time_budget_derives_the_epochs_once_and_resume_keeps_them(make_cfg, tmp_path, capsys):
     run = tmp_path / "budget"
     # 3 s: the epoch count is derived from epoch 0's steps and validation, printed and kept
