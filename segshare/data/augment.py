@@ -8,7 +8,7 @@ brightness, contrast, low-resolution simulation, inverted gamma, gamma. Each has
 and range in :class:`AugmentSettings` (the app's values: ``conf/data/augment/default.yaml``).
 
 "Dummy 2D": when a patch is anisotropic (its first smallest axis, the *thin* axis, is less than
-``1 / dummy_2d_ratio`` of its largest), rotation, scaling, elastic deformation and the
+``1 / dummy_2d_ratio`` of its largest, or one voxel), rotation, scaling, elastic deformation and the
 low-resolution zoom act only in the plane of the two other axes, so every slice along the thin
 axis stays at its index and becomes a transform of the same input slice (nnU-Net's
 ``do_dummy_2d_data_aug``, decided there by ``max(patch) / patch[0] > 3``, here for any axis).
@@ -116,10 +116,13 @@ def rotation_matrix(angles: np.ndarray) -> np.ndarray:
 
 def thin_axis(cfg: AugmentSettings, patch_size: Sequence[int]) -> int | None:
     """The thin axis of a "dummy 2D" patch: the first smallest axis when the largest one exceeds
-    ``cfg.dummy_2d_ratio`` times it; None for a patch augmented in 3D."""
+    ``cfg.dummy_2d_ratio`` times it, or when it is one voxel thick (a 2D slice); None for a patch
+    augmented in 3D."""
     patch = np.asarray(patch_size, dtype=float)
     axis = int(np.argmin(patch))
-    return axis if patch.max() > float(cfg.dummy_2d_ratio) * patch[axis] else None
+    if patch.max() > float(cfg.dummy_2d_ratio) * patch[axis] or patch[axis] == 1 < patch.max():
+        return axis
+    return None
 
 
 def _in_plane(thin: int | None) -> np.ndarray:

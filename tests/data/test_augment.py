@@ -233,6 +233,7 @@ def test_dummy_2d_rule():
     assert thin_axis(cfg, (40, 56, 40)) is None
     assert thin_axis(cfg, (30, 90, 90)) is None  # exactly 3: not (nnU-Net's strict ">")
     assert thin_axis(AugmentSettings(dummy_2d_ratio=10), (12, 80, 80)) is None
+    assert thin_axis(AugmentSettings(dummy_2d_ratio=10), (3, 1, 2)) == 1  # a 2D slice
 
 
 def _slice_coded(shape, axis):
