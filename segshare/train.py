@@ -91,6 +91,14 @@ def planned_settings(
             f"{sorted(plan.configurations)})."
         )
     chosen_config = Configuration.from_dict(plan.configurations[configuration])
+    planned_3d = chosen_config.slice_axis is None
+    if planned_3d and list(chosen_config.spacing) != list(plan.target_spacing):
+        raise ValueError(
+            f"configuration={configuration} is planned at {list(chosen_config.spacing)} mm but "
+            f"the data are preprocessed at {list(plan.target_spacing)} mm; its own preprocessing "
+            f"is not built yet: train configuration=3d_fullres with "
+            f"data.target_spacing={[round(s, 3) for s in chosen_config.spacing]} instead."
+        )
     given = {key: model_cfg.get(key.split(".")[1]) for key in PLANNED_SETTINGS}
     given.update({"data.patch_size": data.patch_size, "data.batch_size": data.batch_size})
     given = {k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for k, v in given.items()}
