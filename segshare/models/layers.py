@@ -59,16 +59,16 @@ def slice_kernel(
         ``(*lead, *kernel_size, in_channels, out_channels)``; ``kernel`` itself when nothing
         is cut.
     """
-    shape = tuple(kernel.shape)
-    lead = len(shape) - len(bank_kernel_size) - 2
-    if tuple(kernel_size) == tuple(bank_kernel_size) and shape[-2:] == (in_channels, out_channels):
+    kernel_size, bank_kernel_size = tuple(kernel_size), tuple(bank_kernel_size)
+    if kernel_size == bank_kernel_size and tuple(kernel.shape[-2:]) == (in_channels, out_channels):
         return kernel
-    if tuple(kernel_size) == tuple(bank_kernel_size):  # the channel corner only
+    if kernel_size == bank_kernel_size:  # the channel corner only
         return kernel[..., :in_channels, :out_channels]
-    centre = [(big - k) // 2 for big, k in zip(bank_kernel_size, kernel_size, strict=True)]
-    starts = [0] * lead + centre
-    sizes = [*shape[:lead], *kernel_size, in_channels, out_channels]
-    return ops.slice(kernel, [*starts, 0, 0], sizes)
+    centre = tuple(
+        slice((big - k) // 2, (big - k) // 2 + k)
+        for big, k in zip(bank_kernel_size, kernel_size, strict=True)
+    )  # static Python slices: a variable's __getitem__ takes them on every backend
+    return kernel[(Ellipsis, *centre, slice(0, in_channels), slice(0, out_channels))]
 
 
 def _check_spatial_dims(spatial_dims: int) -> int:
