@@ -31,6 +31,7 @@ Sharing schemes pick the bank of each conv:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import keras
@@ -90,14 +91,14 @@ def per_stage(
         ValueError: quoting the bad value (wrong length, a non-positive or even entry).
     """
     values = default if values is None else values
-    if isinstance(values, (int, str)) or len(values) != num_stages:
+    if isinstance(values, (numbers.Integral, str)) or len(values) != num_stages:
         raise ValueError(
             f"{name} must have one entry per stage ({num_stages}, the length of features), "
             f"got {values!r}."
         )
     result = []
     for s, entry in enumerate(values):
-        axes = (entry,) * spatial_dims if isinstance(entry, int) else tuple(entry)
+        axes = (entry,) * spatial_dims if isinstance(entry, numbers.Integral) else tuple(entry)
         if len(axes) != spatial_dims:
             raise ValueError(
                 f"{name}[{s}] must be an int or have {spatial_dims} entries (spatial_dims), "

@@ -18,6 +18,7 @@ recreates the same wiring on load. All computation uses ``keras.ops`` only.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import keras
@@ -28,7 +29,7 @@ PACKAGE = "segshare"
 
 def _as_tuple(value: int | Sequence[int], spatial_dims: int, name: str) -> tuple[int, ...]:
     """``value`` per spatial axis (an int repeats); every entry must be >= 1."""
-    if isinstance(value, int):
+    if isinstance(value, numbers.Integral):
         value = (value,) * spatial_dims
     value = tuple(int(v) for v in value)
     if len(value) != spatial_dims:

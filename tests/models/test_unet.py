@@ -335,3 +335,18 @@ def test_hydra_model_and_sharing_configs_build(model_name, scheme):
     model = instantiate(cfg.model, in_channels=1, num_classes=3)
     assert parameter_report(model)["sharing"] == scheme
     assert model.output_shape == (None, None, None, None, 3)
+
+
+def test_kernel_sizes_and_strides_accept_numpy_and_omegaconf_values():
+    from omegaconf import OmegaConf
+
+    plain = build_unet(features=(4, 8, 16), sharing="global", **ANISO_3D)
+    as_numpy = dict(
+        kernel_sizes=np.array(ANISO_3D["kernel_sizes"]),
+        strides=[np.int64(1), np.array([1, 2, 2]), np.int64(2)],
+    )
+    for geometry in (as_numpy, OmegaConf.create(ANISO_3D)):
+        model = build_unet(features=(4, 8, 16), sharing="global", **geometry)
+        config = model.get_layer("encoder").get_config()
+        assert config == plain.get_layer("encoder").get_config()
+        assert all(type(k) is int for stage in config["kernel_sizes"] for k in stage)
