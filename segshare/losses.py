@@ -68,12 +68,23 @@ def deep_supervision_weights(num_outputs: int) -> list[float]:
     return [w / sum(raw) for w in raw]
 
 
-def downsample_labels(labels, factor: int):
-    """Nearest-neighbour labels at ``1/factor`` resolution (strided; patches divide evenly)."""
-    if factor == 1:
+def downsample_labels(labels, factors: int | Sequence[int]):
+    """Nearest-neighbour labels at ``1/factor`` resolution per spatial axis (strided; patches
+    divide evenly). One int applies to every axis."""
+    spatial = len(labels.shape) - 1
+    factors = (factors,) * spatial if isinstance(factors, int) else tuple(factors)
+    if all(f == 1 for f in factors):
         return labels
-    index = (slice(None),) + (slice(None, None, factor),) * (len(labels.shape) - 1)
-    return labels[index]
+    return labels[(slice(None), *(slice(None, None, int(f)) for f in factors))]
+
+
+def _level_factors(labels, logits, level: int) -> tuple[int, ...] | int:
+    """How much coarser a deep-supervision output is than the labels, per axis: from the static
+    shapes (anisotropic strides pool axes differently), else ``2**level``."""
+    label_shape, out_shape = tuple(labels.shape[1:]), tuple(logits.shape[1:-1])
+    if None in label_shape or None in out_shape or len(label_shape) != len(out_shape):
+        return 2**level
+    return tuple(int(a) // int(b) for a, b in zip(label_shape, out_shape, strict=True))
 
 
 @keras.saving.register_keras_serializable(package="segshare")
@@ -106,7 +117,7 @@ class DiceCELoss(keras.losses.Loss):
         if isinstance(y_pred, Sequence):
             weights = deep_supervision_weights(len(y_pred))
             return sum(
-                w * self._single(downsample_labels(y_true, 2**i), out)
+                w * self._single(downsample_labels(y_true, _level_factors(y_true, out, i)), out)
                 for i, (w, out) in enumerate(zip(weights, y_pred, strict=True))
             )
         return self._single(y_true, y_pred)

@@ -182,7 +182,7 @@ def check_window(predict_fn, roi: Sequence[int], channels: int, num_classes: int
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(
             f"roi_size={list(roi)}: the model cannot predict a window of this size ({first}); "
-            f"U-Nets need sizes divisible by 2**(stages - 1)."
+            f"U-Nets need sizes divisible by the product of their strides along each axis."
         ) from None
     if out.shape != (1, *roi, num_classes):
         dims = ", ".join(map(str, roi))

@@ -50,6 +50,15 @@ def test_perfect_prediction_has_low_loss_and_deep_supervision_weights():
     assert float(DiceCELoss()(labels, wrong)) > 1.0 / 3
 
 
+def test_deep_supervision_labels_follow_anisotropic_pooling():
+    labels = np.zeros((1, 8, 8, 4), dtype="int32")
+    labels[:, 2:6, 2:6, 1:3] = 1
+    logits = (np.eye(2)[labels] * 40.0).astype("float32")
+    coarse = logits[:, ::2, ::2, :]  # pooled in-plane only, as a thick-slice stage
+    assert float(DiceCELoss()(labels, [logits, coarse])) < 1e-4
+    assert float(DiceCELoss()(labels, [logits, -coarse])) > 1.0 / 3
+
+
 def test_poly_schedule():
     assert learning_rate_at(0, 10, 0.01) == pytest.approx(0.01)
     assert learning_rate_at(5, 10, 0.01) == pytest.approx(0.01 * 0.5**0.9)
