@@ -102,8 +102,8 @@ def test_settings_left_null_come_from_the_plan_and_explicit_ones_are_reported(
     assert f"override: data.patch_size=[16, 16, 16] (planned {planned_patch})" in (
         capsys.readouterr().out
     )
-    with pytest.raises(ValueError, match="configuration=2d is planned .* not built yet"):
-        train(make_cfg("configuration=2d", run_dir=tmp_path / "two_d"))
+    with pytest.raises(ValueError, match=r"patch_size must have 2 entries, got \(16, 16, 16\)"):
+        train(make_cfg("configuration=2d", run_dir=tmp_path / "two_d"))  # a 3D patch set
 
 
 def test_the_2d_configuration_trains_on_slices_and_predicts_whole_volumes(make_cfg, tmp_path):
