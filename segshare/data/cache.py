@@ -33,8 +33,7 @@ LOCATIONS_PER_CLASS = 2000
 def cache_key(plan: Plan) -> str:
     """A short hash of the plan's preprocessing (every field that changes the cached arrays; the
     planner's network configurations do not)."""
-    fields = {k: v for k, v in plan.to_dict().items() if k != "configurations"}
-    blob = json.dumps(fields, sort_keys=True).encode()
+    blob = json.dumps(plan.preprocessing_dict(), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 

@@ -84,6 +84,11 @@ class Plan:
         d["target_spacing"] = [float(s) for s in self.target_spacing]
         return d
 
+    def preprocessing_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the network ``configurations``: what the cached arrays (and a
+        resumed checkpoint) depend on."""
+        return {k: v for k, v in self.to_dict().items() if k != "configurations"}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""

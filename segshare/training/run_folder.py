@@ -18,7 +18,8 @@ from segshare.training.checkpoints import find_checkpoint
 
 
 def check_resumable(run_dir: Path, plan: Plan) -> None:
-    """Refuse to resume a run whose checkpoint was trained on another preprocessing plan.
+    """Refuse to resume a run whose checkpoint was trained on another preprocessing plan (the
+    network configurations planned beside it may change: the run's model is what it is).
 
     Raises:
         ValueError: naming the run's ``plan.json`` and the settings that differ.
@@ -26,7 +27,7 @@ def check_resumable(run_dir: Path, plan: Plan) -> None:
     saved = Path(run_dir) / PLAN_FILE
     if not saved.is_file() or find_checkpoint(Path(run_dir) / "checkpoints" / "latest") is None:
         return
-    old, new = Plan.load(saved).to_dict(), plan.to_dict()
+    old, new = Plan.load(saved).preprocessing_dict(), plan.preprocessing_dict()
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
         details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)

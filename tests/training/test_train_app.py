@@ -184,6 +184,9 @@ def test_resume_with_another_preprocessing_plan_is_refused(make_cfg, tmp_path):
         )
     assert (tmp_path / "run" / "plan.json").read_text() == before  # the run is left as it was
     assert [r["epoch"] for r in _log(tmp_path / "run")] == ["0"]
+    # another planner budget changes only the planned networks: the run resumes
+    train(make_cfg("trainer.max_epochs=2", "plan.memory_gb=0.5", run_dir=tmp_path / "run"))
+    assert [r["epoch"] for r in _log(tmp_path / "run")] == ["0", "1"]
 
 
 def _cli(overrides: list[str], run_dir: Path, data_root: Path) -> list[str]:
