@@ -53,9 +53,12 @@ def test_every_option_of_a_group_instantiates(group):
         assert instantiate(cfg[group], **extra) is not None, option
 
 
-def test_the_hippocampus_recipe_has_one_patch():
+def test_the_hippocampus_recipe_has_one_patch_and_the_light_augmentation():
     cfg = _train_cfg("experiment=hippocampus")
     assert list(cfg.data.patch_size) == [40, 56, 40]
+    light, default = instantiate(cfg.data.augment), instantiate(_train_cfg().data.augment)
+    assert (light.rotation_deg, light.p_lowres, light.p_gamma) == (15.0, 0.0, 0.15)
+    assert (default.rotation_deg, default.p_lowres, default.p_gamma) == (30.0, 0.25, 0.3)
     assert "patch_size" not in (CONF / "data" / "hippocampus.yaml").read_text()
 
 
