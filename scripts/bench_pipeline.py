@@ -107,38 +107,56 @@ def bench_ct_case(tmp: Path) -> None:
     )
 
 
-def bench_patches(cache_dir: Path, ids: list[str], patch, batch: int, n: int, workers: int):
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+def augmentation(name: str):
+    """The shipped ``conf/data/augment/<name>.yaml`` as an ``AugmentSettings``."""
+    from hydra import compose, initialize_config_module
 
+    from segshare.cli import instantiate
+
+    with initialize_config_module(version_base="1.3", config_module="segshare.conf"):
+        cfg = compose("preprocess", overrides=["paths.root_dir=/", f"data/augment={name}"])
+    return instantiate(cfg.data.augment)
+
+
+def bench_patches(
+    cache_dir: Path, ids: list[str], patch, batch: int, n: int, workers: int, sets, rounds: int
+) -> dict[str, float]:
+    """Patches/s per backend and augmentation set, the sets interleaved in ``rounds`` rounds so
+    the machine's drift hits all alike; prints the median and each set's ratio to the first."""
     from segshare.data.pipeline import make_training_data
 
-    aug_cfg = OmegaConf.load(REPO / "conf" / "data" / "augment" / "default.yaml")
-    aug = instantiate(aug_cfg, _convert_="all")  # the shipped augmentation
+    augments = {name: augmentation(name) for name in sets}
+    rates: dict[tuple[str, str], list[float]] = {}
+    for _ in range(rounds):
+        for backend in ("tf", "pydataset"):
+            for name, aug in augments.items():
+                ds = make_training_data(
+                    cache_dir,
+                    ids,
+                    patch,
+                    batch,
+                    augmentation=aug,
+                    seed=0,
+                    backend=backend,
+                    num_workers=workers,
+                    steps_per_epoch=n + 5,
+                )
+                it = iter(ds) if backend == "tf" else (ds[i] for i in range(n + 5))
+                for _ in range(3):
+                    next(it)
+                t = time.perf_counter()
+                for _ in range(n):
+                    next(it)
+                rates.setdefault((backend, name), []).append(n * batch / (time.perf_counter() - t))
     out = {}
-    for backend in ("tf", "pydataset"):
-        ds = make_training_data(
-            cache_dir,
-            ids,
-            patch,
-            batch,
-            augmentation=aug,
-            seed=0,
-            backend=backend,
-            num_workers=workers,
-            steps_per_epoch=n + 5,
-        )
-        it = iter(ds) if backend == "tf" else (ds[i] for i in range(n + 5))
-        for _ in range(3):
-            next(it)
-        t = time.perf_counter()
-        for _ in range(n):
-            x, y = next(it)
-        rate = n * batch / (time.perf_counter() - t)
-        out[backend] = rate
+    for (backend, name), values in rates.items():
+        median = float(np.median(values))
+        ref = float(np.median(rates[(backend, sets[0])]))
+        out[backend if name == sets[0] else f"{backend}:{name}"] = median
         print(
-            f"patches/s ({backend}, patch {list(patch)}, batch {batch}, augmentation on, "
-            f"{workers} parallel calls): {rate:.1f} ({rate / batch:.1f} batches/s)"
+            f"patches/s ({backend}, augment={name}, patch {list(patch)}, batch {batch}, "
+            f"{workers} parallel calls, median of {rounds}): {median:.1f} "
+            f"({median / ref:.2f}x {sets[0]})"
         )
     return out
 
@@ -172,6 +190,10 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--train-step", action="store_true", help="also time the default U-Net step")
     p.add_argument("--skip-ct", action="store_true")
+    p.add_argument(
+        "--augment", nargs="+", default=["default", "light"], help="conf/data/augment sets"
+    )
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the sets")
     args = p.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -185,7 +207,9 @@ def main() -> None:
         cache = next((tmp / "hippo").glob("cache_*"))
         ids = sorted(p.name[: -len("_image.npy")] for p in cache.glob("*_image.npy"))
         patch, batch = (48, 64, 48), 2
-        rates = bench_patches(cache, ids, patch, batch, args.batches, args.workers)
+        rates = bench_patches(
+            cache, ids, patch, batch, args.batches, args.workers, args.augment, args.rounds
+        )
         if args.train_step:
             steps = bench_train_step(patch, batch, 5)
             print(f"input pipeline / training step: {rates['tf'] / batch / steps:.1f}x (tf.data)")
