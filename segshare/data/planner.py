@@ -167,8 +167,9 @@ def stage_widths(num_stages: int, base: int, cap: int) -> list[int]:
 
 
 def blocks_for(num_stages: int, block: str) -> list[int]:
-    """Blocks per stage as :func:`segshare.models.build_unet` defaults them: residual ``1`` for
-    the first stage and ``2`` for the others; plain ``1`` everywhere (two convs per stage)."""
+    """Default blocks per stage (the planner's and :func:`segshare.models.build_unet`'s): residual
+    ``1`` for the first stage and ``2`` for the others; plain ``1`` everywhere (two convs per
+    stage)."""
     if block == "residual":
         return [1] + [2] * (num_stages - 1)
     return [1] * num_stages

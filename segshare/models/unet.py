@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import keras
 
+from segshare.data.planner import blocks_for
 from segshare.models.encoder import (
     SharedEncoder,
     default_strides,
@@ -119,9 +120,7 @@ def build_unet(
     features = tuple(int(f) for f in features)
     n = len(features)
     if blocks_per_stage is None:
-        blocks_per_stage = (1,) * n
-        if block == "residual":
-            blocks_per_stage = (1,) + (2,) * (n - 1)
+        blocks_per_stage = tuple(blocks_for(n, block))
     kernel_sizes = per_stage(kernel_sizes, n, spatial_dims, "kernel_sizes", (3,) * n, odd=True)
     strides = per_stage(strides, n, spatial_dims, "strides", default_strides(n))
     if any(t != 1 for t in strides[0]):
