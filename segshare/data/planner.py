@@ -25,6 +25,14 @@ grid of its target spacing:
    patches of the size nnU-Net plans.
 6. **Batch**: as many patches as fit the budget, at least 2, and at most the number of patches
    that cover 5 % of the dataset's voxels.
+7. **Compute budget** (``compute_gflops``; :func:`estimate_step_gflops`): where a training step
+   may cost at most that many GFLOP (``auto``: :data:`CPU_STEP_GFLOPS` when the backend sees no
+   GPU, unbounded with one), the step is brought under it by, in this order, lowering the batch
+   (not below 2), halving the widths (``base_features`` down to :data:`MIN_BASE_FEATURES`), then
+   shrinking the patch as the memory rule does. On a GPU memory binds; on a CPU time does: a
+   fixed ``trainer.budget_minutes`` buys ``budget / step time`` steps, and nnU-Net's network
+   (~1,200 GFLOP per step for the hippocampus) gets ~20x fewer steps than one of 16-128 widths
+   and batch 2 (~70 GFLOP), too few to converge (``docs/planning.md``).
 
 ``3d_lowres`` is planned only when the 3d_fullres patch covers less than a quarter of the median
 volume (nnU-Net's rule): its spacing grows by 1.01x per step (the coarser axes first held back)
@@ -45,6 +53,12 @@ from typing import Any
 import numpy as np
 
 MIN_FEATURE_MAP = 4
+#: The compute budget (GFLOP per training step) of ``compute_gflops=auto`` without a GPU:
+#: ~1 s per step on 2 cores of an AMD EPYC (~100 GFLOP/s in TensorFlow float32), so ~2,500 steps
+#: in 45 minutes.
+CPU_STEP_GFLOPS = 100.0
+#: The compute budget halves the widths down to this first-stage width.
+MIN_BASE_FEATURES = 8
 BLOCKS = ("residual", "plain")
 CONFIGURATIONS = ("3d_fullres", "2d", "3d_lowres")
 
@@ -60,6 +74,9 @@ class PlannerSettings:
         max_features_2d: width cap of 2D networks (nnU-Net: 512).
         block: the model's block kind (``residual`` or ``plain``), for the blocks per stage.
         decoder_blocks: conv units per decoder stage.
+        compute_gflops: GFLOP one training step may cost (forward and backward); None =
+            unbounded; ``"auto"`` = :data:`CPU_STEP_GFLOPS` when the Keras backend sees no GPU,
+            else None (resolved on construction).
     """
 
     memory_gb: float
@@ -68,8 +85,20 @@ class PlannerSettings:
     max_features_2d: int
     block: str
     decoder_blocks: int
+    compute_gflops: float | str | None = None
 
     def __post_init__(self) -> None:
+        if self.compute_gflops == "auto":
+            from segshare.devices import accelerator_present
+
+            budget = None if accelerator_present() else CPU_STEP_GFLOPS
+            object.__setattr__(self, "compute_gflops", budget)
+        if self.compute_gflops is not None and not (
+            isinstance(self.compute_gflops, int | float) and self.compute_gflops > 0
+        ):
+            raise ValueError(
+                f"plan.compute_gflops must be > 0, null or 'auto', got {self.compute_gflops!r}."
+            )
         if not float(self.memory_gb) > 0:
             raise ValueError(f"plan.memory_gb must be > 0, got {self.memory_gb!r}.")
         if self.block not in BLOCKS:
@@ -97,6 +126,7 @@ class Configuration:
         blocks_per_stage: blocks after each stage's entry conv.
         batch_size: patches per batch.
         estimated_memory_gb: the estimate for ``batch_size`` patches.
+        estimated_step_gflops: GFLOP of one training step of ``batch_size`` patches.
     """
 
     name: str
@@ -110,6 +140,7 @@ class Configuration:
     blocks_per_stage: list[int]
     batch_size: int
     estimated_memory_gb: float
+    estimated_step_gflops: float | None = None
 
     @property
     def spatial_dims(self) -> int:
@@ -206,6 +237,39 @@ def estimate_memory_gb(
     return (activations + params * 4 * 4) / 1024**3
 
 
+def estimate_step_gflops(
+    patch_size: Sequence[int],
+    strides: Sequence[Sequence[int]],
+    kernel_sizes: Sequence[Sequence[int]],
+    features: Sequence[int],
+    blocks_per_stage: Sequence[int],
+    block: str,
+    decoder_blocks: int,
+    in_channels: int,
+    num_classes: int,
+    batch_size: int,
+) -> float:
+    """GFLOP of one training step: the convolutions' multiply-adds of the forward pass (encoder
+    entry and block convs, each decoder stage's transposed conv and its convs, the 1x1 head), x2
+    for FLOPs and x3 for forward plus backward, per patch, times the batch. Norms, activations
+    and the optimizer are left out (a few percent)."""
+    shape = np.asarray(patch_size, dtype=float)
+    macs, c_in, voxels0 = 0.0, in_channels, None
+    for s, width in enumerate(features):
+        shape = shape / np.asarray(strides[s])
+        voxels = float(np.prod(shape))
+        voxels0 = voxels if voxels0 is None else voxels0
+        taps = float(np.prod(kernel_sizes[s]))
+        convs = int(blocks_per_stage[s]) * (2 if block == "residual" else 1)
+        macs += voxels * taps * (c_in * width + convs * width * width)
+        if s < len(features) - 1:  # the decoder stage at this resolution
+            macs += voxels * features[s + 1] * width  # transposed conv, kernel = stride
+            macs += voxels * taps * width * (2 * width + (decoder_blocks - 1) * width)
+        c_in = width
+    macs += voxels0 * features[0] * num_classes
+    return 6.0 * macs * int(batch_size) / 1e9
+
+
 def _initial_patch(spacing: Sequence[float], median_shape: Sequence[int]) -> list[int]:
     """A patch of 256**3 (3D) or 2048**2 (2D) voxels, isotropic in mm, clipped to the median."""
     inverse = 1.0 / np.asarray(spacing, dtype=float)
@@ -243,41 +307,53 @@ def plan_configuration(
     median = [max(int(m), 1) for m in median_shape]
     cap = settings.max_features_3d if len(median) == 3 else settings.max_features_2d
     patch = _initial_patch(spacing, median)
+    base = int(settings.base_features)
 
-    def layout(patch_):
+    def layout(patch_, base_):
         strides_, kernels_, rounded = plan_topology(spacing, patch_)
-        widths = stage_widths(len(strides_), settings.base_features, cap)
+        widths = stage_widths(len(strides_), base_, cap)
         blocks = blocks_for(len(strides_), settings.block)
         return strides_, kernels_, rounded, widths, blocks
 
-    def memory(strides_, kernels_, rounded, widths, blocks, batch):
-        return estimate_memory_gb(
-            rounded, strides_, kernels_, widths, blocks, settings.block,
-            settings.decoder_blocks, in_channels, num_classes, batch,
+    def cost(estimate, net, batch):
+        return estimate(
+            net[2], net[0], net[1], net[3], net[4], settings.block, settings.decoder_blocks,
+            in_channels, num_classes, batch,
         )  # fmt: skip
 
-    strides, kernels, rounded, widths, blocks = layout(patch)
-    if len(strides) < 2:
+    def shrunk(net, what):
+        """The patch shrunk along its axis largest relative to the median, re-laid out."""
+        divisor = [math.prod(st[a] for st in net[0]) for a in range(len(patch))]
+        axis = int(np.argmax([p / m for p, m in zip(patch, median, strict=True)]))
+        if patch[axis] - divisor[axis] < 2 * MIN_FEATURE_MAP:
+            raise ValueError(
+                f"{name}: {what} does not fit a batch of 2 patches of {net[2]} voxels; "
+                f"raise it or lower plan.base_features."
+            )
+        patch[axis] -= divisor[axis]
+        return layout(patch, base)
+
+    net = layout(patch, base)
+    if len(net[0]) < 2:
         raise ValueError(
             f"{name}: the median case is {median} voxels on a {list(spacing)} mm grid: too small "
             f"for any U-Net (an axis needs >= {2 * MIN_FEATURE_MAP} voxels to be pooled once)."
         )
-    while (needed := memory(strides, kernels, rounded, widths, blocks, 2)) > settings.memory_gb:
-        divisor = [math.prod(st[a] for st in strides) for a in range(len(patch))]
-        ratios = [p / m for p, m in zip(patch, median, strict=True)]
-        axis = int(np.argmax(ratios))
-        if patch[axis] - divisor[axis] < 2 * MIN_FEATURE_MAP:
-            raise ValueError(
-                f"{name}: plan.memory_gb={settings.memory_gb} does not fit a batch of 2 patches "
-                f"of {rounded} voxels (estimated {needed:.2f} GB); raise plan.memory_gb or lower "
-                f"plan.base_features."
-            )
-        patch[axis] -= divisor[axis]
-        strides, kernels, rounded, widths, blocks = layout(patch)
-    per_patch = memory(strides, kernels, rounded, widths, blocks, 1)
-    fits = int(settings.memory_gb // per_patch)
-    covers = int(round(0.05 * dataset_voxels / float(np.prod(rounded))))
+    while (needed := cost(estimate_memory_gb, net, 2)) > settings.memory_gb:
+        net = shrunk(net, f"plan.memory_gb={settings.memory_gb} (estimated {needed:.2f} GB)")
+    fits = int(settings.memory_gb // cost(estimate_memory_gb, net, 1))
+    covers = int(round(0.05 * dataset_voxels / float(np.prod(net[2]))))
     batch = max(2, min(fits, covers))
+    budget = settings.compute_gflops
+    if budget is not None:
+        while batch > 2 and cost(estimate_step_gflops, net, batch) > budget:
+            batch -= 1
+        while base > MIN_BASE_FEATURES and cost(estimate_step_gflops, net, batch) > budget:
+            base = max(base // 2, MIN_BASE_FEATURES)
+            net = layout(patch, base)
+        while (flops := cost(estimate_step_gflops, net, batch)) > budget:
+            net = shrunk(net, f"plan.compute_gflops={budget} (estimated {flops:.1f} GFLOP)")
+    strides, kernels, rounded, widths, blocks = net
     return Configuration(
         name=name,
         spacing=tuple(float(s) for s in spacing),
@@ -289,7 +365,8 @@ def plan_configuration(
         features=widths,
         blocks_per_stage=blocks,
         batch_size=batch,
-        estimated_memory_gb=round(memory(strides, kernels, rounded, widths, blocks, batch), 3),
+        estimated_memory_gb=round(cost(estimate_memory_gb, net, batch), 3),
+        estimated_step_gflops=round(cost(estimate_step_gflops, net, batch), 1),
     )
 
 
@@ -374,7 +451,8 @@ def format_configurations(plans: dict[str, Configuration | dict]) -> str:
         lines += [
             f"{plan.name}: patch {list(plan.patch_size)}, batch {plan.batch_size}, spacing "
             f"{[round(s, 3) for s in plan.spacing]} mm, median shape {list(plan.median_shape)}"
-            f"{axis}, ~{plan.estimated_memory_gb:.2f} GB",
+            f"{axis}, ~{plan.estimated_memory_gb:.2f} GB, "
+            f"~{plan.estimated_step_gflops or float('nan'):.0f} GFLOP per step",
             f"  stages {len(plan.strides)}: widths {plan.features}, blocks {plan.blocks_per_stage}",
             f"  strides {plan.strides}",
             f"  kernels {plan.kernel_sizes}",

@@ -13,6 +13,8 @@ import os
 
 import tensorflow as tf
 
+from segshare.devices import accelerator_present
+
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 
 
@@ -73,7 +75,7 @@ def resolve_jit_compile(setting: bool | str) -> bool:
     """``trainer.jit_compile``: True/False as given; ``"auto"`` = on with a GPU, off on a CPU
     (where XLA made the 3D U-Net step 10x slower)."""
     if setting == "auto":
-        return bool(tf.config.list_physical_devices("GPU"))
+        return accelerator_present()
     if not isinstance(setting, bool):
         raise ValueError(f"trainer.jit_compile must be true, false or 'auto', got {setting!r}.")
     return setting
