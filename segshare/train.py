@@ -61,9 +61,16 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     )
     if is_chief(strategy):
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        split = {
+            "fold": data.fold,
+            "num_folds": int(data.num_folds),
+            "train_cases": list(prepared.train_ids),
+            "validation_cases": list(prepared.val_ids),
+        }
         write_run_files(
-            run_dir, plan, feed.patch_size, report, config_yaml, cfg.configuration, slice_axis
-        )
+            run_dir, plan, feed.patch_size, report, config_yaml, cfg.configuration, slice_axis,
+            split,
+        )  # fmt: skip
     loss = instantiate(cfg.loss)
     trainer = Trainer(model, optimizer, loss, feed, run_dir, settings, window, strategy=strategy)
     last = trainer.fit()

@@ -41,6 +41,7 @@ def write_run_info(
     plan: Plan,
     patch_size: Sequence[int],
     slice_axis: int | None = None,
+    split: dict[str, Any] | None = None,
     **trained_with: Any,
 ) -> Path:
     """Write ``run.json`` into a run folder (atomically).
@@ -51,6 +52,8 @@ def write_run_info(
         patch_size: the training patch: the window prediction uses by default (2 sizes for a 2D
             network).
         slice_axis: for a 2D network, the (RAS) volume axis its slices are taken across.
+        split: the cross-validation split it was trained on: ``fold``, ``num_folds``,
+            ``train_cases`` and ``validation_cases`` (case ids), for merging folds.
         trained_with: provenance to record (sharing scheme, precision, versions, ...).
     """
     import keras
@@ -66,6 +69,7 @@ def write_run_info(
         "in_channels": plan.in_channels,
         "num_classes": plan.num_classes,
         "labels": dict(plan.labels),
+        "split": split,
         "trained_with": {
             "segshare": __version__,
             "keras": keras.__version__,
@@ -93,6 +97,12 @@ class TrainedRun:
     plan: Plan
     patch_size: tuple[int, ...]
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def split(self) -> dict[str, Any] | None:
+        """The cross-validation split of training (``fold``, ``num_folds``, ``train_cases``,
+        ``validation_cases``); None for runs written before it was recorded."""
+        return self.info.get("split")
 
     @property
     def slice_axis(self) -> int | None:

@@ -46,6 +46,7 @@ def write_run_files(
     config_yaml: str,
     configuration: str | None = None,
     slice_axis: int | None = None,
+    split: dict[str, Any] | None = None,
 ) -> None:
     """Write ``plan.json``, ``run.json``, ``parameters.json`` and ``config.yaml`` (atomically).
 
@@ -57,6 +58,7 @@ def write_run_files(
         config_yaml: the composed config, resolved, as YAML.
         configuration: the planned configuration trained (``3d_fullres``, ...), if any.
         slice_axis: for a 2D network, the volume axis its slices are taken across.
+        split: the fold and its case ids (``run.json``'s ``split``).
     """
     run_dir = Path(run_dir)
     plan.save(run_dir / PLAN_FILE)
@@ -65,6 +67,7 @@ def write_run_files(
         plan,
         patch_size,
         slice_axis,
+        split,
         sharing=parameters.get("sharing"),
         configuration=configuration,
     )
