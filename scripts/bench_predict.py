@@ -20,6 +20,10 @@ Scenarios (each runs in its own process, so peak RSS is that scenario's own):
   CT normalisation, sliding window, restore, write), on the plan's grid (no resampling);
   ``ct_file_resampled``: the same with a plan of 1.0 x 1.0 x 2.5 mm (0.8 mm in-plane scan), so
   the image is resampled and the probabilities are resampled back before the argmax.
+* ``ct_ensemble3``: ``ct_file`` with a 3-model ensemble sharing the plan (the members averaged per
+  window, ``segshare.inference.ensemble``); ``ct_ensemble3_two_plans``: 3 members on two plans
+  (one as ``ct_file``, two as ``ct_file_resampled``), averaged on the scan's grid. Peak memory
+  is compared with ``ct_file``'s (one model).
 
 Usage::
 
@@ -36,6 +40,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +142,7 @@ def run_hippo(repeats: int, num_cases: int = 5) -> dict:
     from segshare.data.discovery import discover_dataset
     from segshare.data.preprocessing import Plan
     from segshare.inference.model_io import make_predict_fn
+    from segshare.inference.ensemble import EnsemblePredictor, mean_predict_fn
     from segshare.inference.predictor import Predictor, predict_cases
     from segshare.inference.sliding_window import WindowSettings
 
@@ -201,11 +207,12 @@ def run_ct(repeats: int) -> dict:
     }
 
 
-def run_ct_file(repeats: int, target_spacing=None) -> dict:
+def run_ct_file(repeats: int, target_spacing=None, members=(1,)) -> dict:
     """The CT-like case as a user runs it: NIfTI file in, NIfTI labels out (whole pipeline).
 
     ``target_spacing=None``: the scan is on the plan's grid (no resampling); otherwise the image
-    is resampled to it and the probabilities back to the scan's grid.
+    is resampled to it and the probabilities back to the scan's grid. ``members``: an ensemble,
+    members per plan (the first plan on the scan's grid, a second at 1.0 x 1.0 x 2.5 mm).
     """
     import tempfile
 
@@ -233,13 +240,20 @@ def run_ct_file(repeats: int, target_spacing=None) -> dict:
         del data
         base = peak_rss_mb()
         window = WindowSettings((128, 128, 128), overlap=0.5, sw_batch_size=2, sigma_scale=0.125)
-        predictor = Predictor(cheap_predict_fn, plan, window)
+        plans = [plan, replace(plan, target_spacing=(1.0, 1.0, 2.5))]
+        groups = [
+            (Predictor(mean_predict_fn([cheap_predict_fn] * n), p, window), n)
+            for n, p in zip(members, plans, strict=False)
+        ]
+        predictor = groups[0][0] if len(groups) == 1 else EnsemblePredictor(groups)
         report = predict_cases(predictor, [Case("ct", (scan,))], Path(tmp) / "out", progress=False)
         if report.failed:
             raise RuntimeError(report.failed)
         reference_mb = np.prod(shape) * 4 * (1 + 3) / 2**20
         peak = peak_rss_mb()
     grid = "no resampling" if target_spacing is None else f"resampled to {target_spacing} mm"
+    if sum(members) > 1:
+        grid += f", ensemble of {sum(members)} models on {len(members)} plan(s)"
     return {
         "scenario": f"CT-like 512x512x300 NIfTI -> labels NIfTI, 3 classes, {grid}",
         "seconds": round(report.seconds, 1),
@@ -256,6 +270,8 @@ SCENARIOS = {
     "ct": run_ct,
     "ct_file": run_ct_file,
     "ct_file_resampled": lambda repeats: run_ct_file(repeats, target_spacing=(1.0, 1.0, 2.5)),
+    "ct_ensemble3": lambda repeats: run_ct_file(repeats, members=(3,)),
+    "ct_ensemble3_two_plans": lambda repeats: run_ct_file(repeats, members=(1, 2)),
 }
 
 

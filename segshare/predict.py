@@ -1,6 +1,8 @@
 """``segshare-predict``: label maps for NIfTI scans from a model trained by ``segshare-train``.
 
     segshare-predict model_path=outputs/train/RUN input=/data/imagesTs output=preds
+    segshare-predict model_path=[RUN0,RUN1,RUN2] input=DIR output=preds   # an ensemble
+    segshare-predict model_path=CROSSVAL_DIR input=DIR output=preds       # its folds' ensemble
     segshare-predict -m model_path=RUN input=DIR output=preds shard.index=0,1 shard.count=2 \
         hydra/launcher=joblib
 
@@ -38,26 +40,31 @@ def run(cfg: DictConfig) -> PredictReport:
     """
     from segshare.cli import instantiate
     from segshare.data.discovery import discover_images
+    from segshare.inference.ensemble import load_ensemble
     from segshare.inference.predictor import failures_file_name, predict_cases, select_shard
-    from segshare.inference.trained_run import load_trained_run
 
     index, count = cfg.shard.index, cfg.shard.count  # checked by select_shard
     window = instantiate(cfg.window)  # a bad window is a setup error, not a failure per case
-    trained = load_trained_run(cfg.model_path)
-    cases = select_shard(discover_images(cfg.input, trained.in_channels), index, count)
-    output = Path(cfg.output).resolve()
-    if any(p.resolve().parent == output for c in cases for p in c.images):
-        raise ValueError(
-            f"output={cfg.output!r} is the folder of the input scans: predictions named like the "
-            f"scans would be taken for finished outputs. Choose another output folder."
-        )
-    predictor = trained.predictor(
+    model_path = cfg.model_path
+    model_path = OmegaConf.to_object(model_path) if OmegaConf.is_config(model_path) else model_path
+    predictor, runs = load_ensemble(
+        model_path,
         window,
         tta=bool(cfg.tta),
         mirror_axes=list(cfg.inference.mirror_axes),
         progress=bool(cfg.inference.progress),
         max_voxels=int(cfg.inference.max_voxels),
     )
+    cases = select_shard(discover_images(cfg.input, runs[0].in_channels), index, count)
+    output = Path(cfg.output).resolve()
+    if any(p.resolve().parent == output for c in cases for p in c.images):
+        raise ValueError(
+            f"output={cfg.output!r} is the folder of the input scans: predictions named like the "
+            f"scans would be taken for finished outputs. Choose another output folder."
+        )
+    if len(runs) > 1:
+        folders = ", ".join(str(r.folder) for r in runs)
+        print(f"segshare-predict: ensemble of {len(runs)} models: {folders}")
     return predict_cases(
         predictor,
         cases,

@@ -27,12 +27,15 @@ def test_train_config_groups_instantiate_into_their_objects():
     cfg = _train_cfg()
     data, settings = instantiate(cfg.data), instantiate(cfg.trainer)
     assert isinstance(data, DataSettings) and isinstance(data.augment, AugmentSettings)
-    assert isinstance(data.synthetic, SyntheticSpec) and data.patch_size == [32, 32, 32]
+    assert isinstance(data.synthetic, SyntheticSpec)
+    assert data.patch_size is None and data.batch_size is None  # planned
+    assert cfg.model.features is None and cfg.model.blocks_per_stage is None
     assert isinstance(settings, LoopSettings) and settings.jit_compile == "auto"
     assert settings.initial_lr == cfg.optimizer.learning_rate and settings.seed == cfg.seed
     assert isinstance(instantiate(cfg.window), WindowSettings)
     assert isinstance(instantiate(cfg.loss), DiceCELoss)
-    assert isinstance(instantiate(cfg.optimizer), keras.optimizers.SGD)
+    assert isinstance(instantiate(cfg.optimizer), keras.optimizers.AdamW)
+    assert cfg.plan.compute_gflops == "auto"
 
 
 @pytest.mark.parametrize("scheme", sorted(p.stem for p in (CONF / "sharing").glob("*.yaml")))
@@ -48,18 +51,23 @@ def test_the_sharing_group_is_a_group_of_the_model(scheme):
 )
 def test_every_option_of_a_group_instantiates(group):
     for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
-        cfg = _train_cfg(f"{group}={option}")
+        tiny = ["model.features=[4,8]", "model.blocks_per_stage=[1,1]"] if group == "model" else []
+        cfg = _train_cfg(f"{group}={option}", *tiny)
         extra = {"in_channels": 1, "num_classes": 2} if group == "model" else {}
         assert instantiate(cfg[group], **extra) is not None, option
 
 
-def test_the_hippocampus_recipe_has_one_patch_and_the_light_augmentation():
+def test_the_hippocampus_recipe_is_a_budget_and_the_rest_is_planned():
     cfg = _train_cfg("experiment=hippocampus")
-    assert list(cfg.data.patch_size) == [40, 56, 40]
-    light, default = instantiate(cfg.data.augment), instantiate(_train_cfg().data.augment)
-    assert (light.rotation_deg, light.p_lowres, light.p_gamma) == (15.0, 0.0, 0.15)
+    assert cfg.trainer.budget_minutes == 45
+    planned = ("data.patch_size", "data.batch_size", "model.features", "model.blocks_per_stage")
+    for key in planned:
+        section, name = key.split(".")
+        assert cfg[section][name] is None, key
+    default = instantiate(_train_cfg().data.augment)  # nnU-Net's augmentation
     assert (default.rotation_deg, default.p_lowres, default.p_gamma) == (30.0, 0.25, 0.3)
-    assert "patch_size" not in (CONF / "data" / "hippocampus.yaml").read_text()
+    light = instantiate(_train_cfg("data/augment=light").data.augment)
+    assert (light.rotation_deg, light.p_lowres, light.p_gamma) == (15.0, 0.0, 0.15)
 
 
 def test_a_bad_setting_is_its_own_one_line_error():

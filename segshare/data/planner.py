@@ -28,11 +28,11 @@ grid of its target spacing:
 7. **Compute budget** (``compute_gflops``; :func:`estimate_step_gflops`): where a training step
    may cost at most that many GFLOP (``auto``: :data:`CPU_STEP_GFLOPS` when the backend sees no
    GPU, unbounded with one), the step is brought under it by, in this order, lowering the batch
-   (not below 2), halving the widths (``base_features`` down to :data:`MIN_BASE_FEATURES`), then
-   shrinking the patch as the memory rule does. On a GPU memory binds; on a CPU time does: a
-   fixed ``trainer.budget_minutes`` buys ``budget / step time`` steps, and nnU-Net's network
-   (~1,200 GFLOP per step for the hippocampus) gets ~20x fewer steps than one of 16-128 widths
-   and batch 2 (~70 GFLOP), too few to converge (``docs/planning.md``).
+   (not below 2), narrowing the widths (``base_features`` in steps of :data:`MIN_BASE_FEATURES`:
+   32, 24, 16, 8), then shrinking the patch as the memory rule does. On a GPU memory binds; on a
+   CPU time does: ``trainer.budget_minutes`` buys ``budget / step time`` steps, and nnU-Net's
+   network for the hippocampus (~1,200 GFLOP per step) would get ~14x fewer steps than the
+   planned 16-128 widths at batch 2 (85 GFLOP), too few to converge (``docs/planning.md``).
 
 ``3d_lowres`` is planned only when the 3d_fullres patch covers less than a quarter of the median
 volume (nnU-Net's rule): its spacing grows by 1.01x per step (the coarser axes first held back)
@@ -57,7 +57,7 @@ MIN_FEATURE_MAP = 4
 #: ~1 s per step on 2 cores of an AMD EPYC (~100 GFLOP/s in TensorFlow float32), so ~2,500 steps
 #: in 45 minutes.
 CPU_STEP_GFLOPS = 100.0
-#: The compute budget halves the widths down to this first-stage width.
+#: The compute budget narrows the first stage's width in steps of this, down to it.
 MIN_BASE_FEATURES = 8
 BLOCKS = ("residual", "plain")
 CONFIGURATIONS = ("3d_fullres", "2d", "3d_lowres")
@@ -321,14 +321,14 @@ def plan_configuration(
             in_channels, num_classes, batch,
         )  # fmt: skip
 
-    def shrunk(net, what):
+    def shrunk(net, setting, estimate):
         """The patch shrunk along its axis largest relative to the median, re-laid out."""
         divisor = [math.prod(st[a] for st in net[0]) for a in range(len(patch))]
         axis = int(np.argmax([p / m for p, m in zip(patch, median, strict=True)]))
         if patch[axis] - divisor[axis] < 2 * MIN_FEATURE_MAP:
             raise ValueError(
-                f"{name}: {what} does not fit a batch of 2 patches of {net[2]} voxels; "
-                f"raise it or lower plan.base_features."
+                f"{name}: {setting} does not fit a batch of 2 patches of {net[2]} voxels "
+                f"(estimated {estimate}); raise it or lower plan.base_features."
             )
         patch[axis] -= divisor[axis]
         return layout(patch, base)
@@ -340,7 +340,7 @@ def plan_configuration(
             f"for any U-Net (an axis needs >= {2 * MIN_FEATURE_MAP} voxels to be pooled once)."
         )
     while (needed := cost(estimate_memory_gb, net, 2)) > settings.memory_gb:
-        net = shrunk(net, f"plan.memory_gb={settings.memory_gb} (estimated {needed:.2f} GB)")
+        net = shrunk(net, f"plan.memory_gb={settings.memory_gb}", f"{needed:.2f} GB")
     fits = int(settings.memory_gb // cost(estimate_memory_gb, net, 1))
     covers = int(round(0.05 * dataset_voxels / float(np.prod(net[2]))))
     batch = max(2, min(fits, covers))
@@ -349,10 +349,10 @@ def plan_configuration(
         while batch > 2 and cost(estimate_step_gflops, net, batch) > budget:
             batch -= 1
         while base > MIN_BASE_FEATURES and cost(estimate_step_gflops, net, batch) > budget:
-            base = max(base // 2, MIN_BASE_FEATURES)
+            base = max(base - MIN_BASE_FEATURES, MIN_BASE_FEATURES)
             net = layout(patch, base)
         while (flops := cost(estimate_step_gflops, net, batch)) > budget:
-            net = shrunk(net, f"plan.compute_gflops={budget} (estimated {flops:.1f} GFLOP)")
+            net = shrunk(net, f"plan.compute_gflops={budget}", f"{flops:.1f} GFLOP per step")
     strides, kernels, rounded, widths, blocks = net
     return Configuration(
         name=name,

@@ -168,16 +168,15 @@ def _jax_predict_fn(model: Any, flips: list[tuple[int, ...]]) -> Callable[[np.nd
 def slice_predict_fn(
     predict_fn: Callable[[np.ndarray], np.ndarray], slice_axis: int
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """A 2D network's ``predict_fn`` applied to 3D windows one voxel thick across ``slice_axis``
-    (0, 1, 2 = D, H, W): ``(B, *window, C)`` -> ``(B, *window, K)``, the slices in one batch."""
+    """A 2D network's ``predict_fn`` applied to 3D windows across ``slice_axis`` (0, 1, 2 = D, H,
+    W): ``(B, *window, C)`` -> ``(B, *window, K)``, every slice of every window in one batch (a
+    window of 2D runs is one voxel thick; an ensemble with 3D models passes their thicker one)."""
     axis = 1 + int(slice_axis)
 
     def predict(batch: np.ndarray) -> np.ndarray:
-        if batch.shape[axis] != 1:
-            raise ValueError(
-                f"a 2D model predicts windows one voxel thick along axis {slice_axis}, got a "
-                f"window of {list(batch.shape[1:-1])}."
-            )
-        return np.expand_dims(predict_fn(np.squeeze(batch, axis)), axis)
+        moved = np.moveaxis(batch, axis, 1)  # (B, T, a, b, C): T slices per window
+        b, t = moved.shape[:2]
+        out = np.asarray(predict_fn(moved.reshape(b * t, *moved.shape[2:])))
+        return np.moveaxis(out.reshape(b, t, *out.shape[1:]), 1, axis)
 
     return predict

@@ -8,9 +8,12 @@ import dataclasses
 import pytest
 
 from segshare.data.planner import (
+    CPU_STEP_GFLOPS,
+    MIN_BASE_FEATURES,
     PlannerSettings,
     apply_configuration,
     estimate_memory_gb,
+    estimate_step_gflops,
     format_configurations,
     plan_configurations,
     plan_topology,
@@ -139,3 +142,62 @@ def test_preprocessing_writes_the_plan_outside_the_cache_key(synthetic_root, tmp
 
     saved = Plan.load(tmp_path / "plan.json")
     assert saved.configurations == again.plan.configurations
+
+
+def test_step_gflops_counts_every_conv_forward_and_backward():
+    """Two stages of widths 4 and 8 on a 4x4x4 patch, 3x3x3 kernels, one input channel, 2 classes,
+    plain blocks (one conv each), one decoder conv: the multiply-adds by hand, x2 x3 x batch."""
+    patch, strides, kernels = [4, 4, 4], [[1, 1, 1], [2, 2, 2]], [[3, 3, 3]] * 2
+    macs = (
+        64 * 27 * (1 * 4 + 1 * 4 * 4)  # stage 0: entry conv 1->4, one block conv 4->4
+        + 8 * 27 * (4 * 8 + 1 * 8 * 8)  # stage 1 at 2x2x2: entry 4->8, block 8->8
+        + 64 * 8 * 4  # transposed conv 8->4 (kernel = stride: one tap per output voxel)
+        + 64 * 27 * 4 * (2 * 4)  # decoder conv on the concatenation 8->4
+        + 64 * 4 * 2  # 1x1 head
+    )
+    args = (patch, strides, kernels, [4, 8], [1, 1], "plain", 1, 1, 2)
+    assert estimate_step_gflops(*args, 1) == pytest.approx(6 * macs / 1e9)
+    assert estimate_step_gflops(*args, 3) == pytest.approx(3 * estimate_step_gflops(*args, 1))
+
+
+def test_a_compute_budget_lowers_the_batch_then_the_widths_then_the_patch():
+    """The CPU budget keeps nnU-Net's patch for the hippocampus and pays with batch and widths."""
+    fingerprint = _fingerprint((35, 50, 36), (1, 1, 1), 195)
+    residual = dataclasses.replace(SETTINGS, block="residual")
+    free = plan_configurations(fingerprint, [1, 1, 1], 1, 3, residual)["3d_fullres"]
+    assert free.batch_size == 7 and free.features[0] == 32
+    assert free.estimated_step_gflops > 1000  # nnU-Net's network: ~20x the CPU budget
+
+    cpu = dataclasses.replace(residual, compute_gflops=CPU_STEP_GFLOPS)
+    full = plan_configurations(fingerprint, [1, 1, 1], 1, 3, cpu)["3d_fullres"]
+    assert full.patch_size == free.patch_size and full.strides == free.strides
+    assert full.batch_size == 2 and full.features == [16, 32, 64, 128]
+    assert full.estimated_step_gflops <= CPU_STEP_GFLOPS
+    assert "GFLOP per step" in format_configurations({"3d_fullres": full})
+
+    # a budget just under the free plan's step lowers only the batch
+    nearly = dataclasses.replace(residual, compute_gflops=0.9 * free.estimated_step_gflops)
+    batch_only = plan_configurations(fingerprint, [1, 1, 1], 1, 3, nearly)["3d_fullres"]
+    assert batch_only.features == free.features and 2 <= batch_only.batch_size < 7
+
+    # below what the narrowest network costs on this patch, the patch shrinks
+    small = dataclasses.replace(residual, compute_gflops=2.0)
+    shrunk = plan_configurations(fingerprint, [1, 1, 1], 1, 3, small)["3d_fullres"]
+    assert shrunk.features[0] == MIN_BASE_FEATURES and shrunk.estimated_step_gflops <= 2.0
+    assert shrunk.patch_size < free.patch_size
+
+    hopeless = dataclasses.replace(residual, compute_gflops=0.01)
+    with pytest.raises(ValueError, match=r"plan.compute_gflops=0.01 does not fit a batch of 2"):
+        plan_configurations(fingerprint, [1, 1, 1], 1, 3, hopeless)
+
+
+def test_compute_budget_auto_is_the_cpu_budget_without_a_gpu_and_unbounded_with_one(monkeypatch):
+    import segshare.devices
+
+    monkeypatch.setattr(segshare.devices, "accelerator_present", lambda: False)
+    assert dataclasses.replace(SETTINGS, compute_gflops="auto").compute_gflops == CPU_STEP_GFLOPS
+    monkeypatch.setattr(segshare.devices, "accelerator_present", lambda: True)
+    assert dataclasses.replace(SETTINGS, compute_gflops="auto").compute_gflops is None
+    for bad in (0, -1.0, "fast"):
+        with pytest.raises(ValueError, match="plan.compute_gflops must be > 0"):
+            dataclasses.replace(SETTINGS, compute_gflops=bad)

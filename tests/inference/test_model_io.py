@@ -146,8 +146,11 @@ def test_a_2d_model_predicts_3d_windows_slice_by_slice():
     got = slice_predict_fn(predict_2d, slice_axis=1)(window)
     assert got.shape == (4, 9, 1, 7, 3)
     np.testing.assert_allclose(got[:, :, 0], predict_2d(window[:, :, 0]), rtol=1e-6)
-    with pytest.raises(ValueError, match="one voxel thick along axis 1"):
-        slice_predict_fn(predict_2d, slice_axis=1)(np.zeros((1, 9, 2, 7, 1), np.float32))
+    thick = np.random.default_rng(1).normal(size=(2, 9, 3, 7, 1)).astype(np.float32)
+    got = slice_predict_fn(predict_2d, slice_axis=1)(thick)  # an ensemble's 3D window
+    assert got.shape == (2, 9, 3, 7, 3)
+    for t in range(3):
+        np.testing.assert_allclose(got[:, :, t], predict_2d(thick[:, :, t]), rtol=1e-5)
 
 
 def test_loaded_model_predicts_like_the_original(tmp_path):

@@ -330,7 +330,8 @@ def test_two_dimensional_strides_and_global_bank_shape():
 @pytest.mark.parametrize("scheme", SHARING_SCHEMES)
 def test_hydra_model_and_sharing_configs_build(model_name, scheme):
     with initialize_config_module(version_base="1.3", config_module="segshare.conf"):
-        cfg = compose(config_name="train", overrides=[f"model={model_name}", f"sharing={scheme}"])
+        overrides = [f"model={model_name}", f"sharing={scheme}", "model.features=[4,8,16,32]"]
+        cfg = compose(config_name="train", overrides=overrides)  # features null = planned
     assert cfg.model.sharing == scheme  # conf/sharing/ merges into the model group
     model = instantiate(cfg.model, in_channels=1, num_classes=3)
     assert parameter_report(model)["sharing"] == scheme
