@@ -1,0 +1,73 @@
+"""``segshare-crossval``: merge the validation predictions of the cross-validation folds and score
+them as one set (nnU-Net's ``crossval_results_folds_0_1_2_3_4``).
+
+``run(cfg)`` is the Hydra wrapper of :func:`segshare.evaluation.crossval.merge_folds`; the merge
+folder gets ``summary.json``, ``metrics.csv``, ``report.md``/``.html`` over all cases and
+``folds.json`` (per fold). See ``docs/crossval.md``.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from segshare.cli import USER_ERRORS, exit_on_user_error
+from segshare.evaluation.crossval import merge_folds
+
+
+def _runs(cfg: DictConfig) -> list[str]:
+    """``cfg.runs`` as a list of folders.
+
+    Raises:
+        ValueError: ``runs`` is missing, empty or not a list of folders.
+    """
+    example = "runs=[multirun/train/folds/0,multirun/train/folds/1,...]"
+    if OmegaConf.is_missing(cfg, "runs") or cfg.runs is None:
+        raise ValueError(f"runs is required: the run folder of every fold, e.g. {example}.")
+    runs = OmegaConf.to_container(cfg.runs) if OmegaConf.is_list(cfg.runs) else [cfg.runs]
+    if not runs or not all(isinstance(r, str) and r for r in runs):
+        raise ValueError(
+            f"runs must list the run folder of every fold, e.g. {example}; got {runs}."
+        )
+    return runs
+
+
+def run(cfg: DictConfig) -> dict:
+    """Runs the merge described by a composed ``crossval.yaml``; returns the summary (with
+    ``"folds"``: the ``folds.json`` contents)."""
+    runs = _runs(cfg)
+    if OmegaConf.is_missing(cfg, "output") or cfg.output is None:
+        raise ValueError("output is required: the folder for the merge, e.g. output=crossval.")
+    return merge_folds(runs, cfg.output, num_workers=cfg.num_workers, progress=cfg.progress)
+
+
+def format_results(summary: dict, output: str) -> str:
+    """The per-fold table and the overall foreground-mean Dice."""
+    folds = summary["folds"]
+    lines = [f"{'fold':>4}  {'cases':>5}  {'Dice':>6}  run"]
+    for row in folds["folds"]:
+        lines.append(
+            f"{row['fold']:>4}  {row['num_cases']:>5}  {row['foreground_dice']:6.4f}  {row['run']}"
+        )
+    dice = folds["foreground_dice"]
+    lines.append(
+        f"mean over {len(folds['folds'])} folds {dice['mean_over_folds']:.4f} "
+        f"(sd {dice['sd_over_folds']:.4f}); all {summary['num_cases']} cases: "
+        f"foreground-mean Dice {dice['all_cases']:.4f}"
+    )
+    for key, name in summary["labels"].items():
+        lines.append(f"  label {key} ({name}): Dice {summary['mean'][key]['Dice']:.4f}")
+    lines.append(f"reports in {output}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://segshare.conf", config_name="crossval")
+def main(cfg: DictConfig) -> None:
+    """Console entry point ``segshare-crossval runs=[RUN0,RUN1,...] output=DIR``."""
+    with exit_on_user_error("segshare-crossval", [((*USER_ERRORS, OSError), 1)]):
+        summary = run(cfg)
+    print(format_results(summary, str(cfg.output)))
+
+
+if __name__ == "__main__":
+    main()
