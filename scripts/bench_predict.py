@@ -142,7 +142,6 @@ def run_hippo(repeats: int, num_cases: int = 5) -> dict:
     from segshare.data.discovery import discover_dataset
     from segshare.data.preprocessing import Plan
     from segshare.inference.model_io import make_predict_fn
-    from segshare.inference.ensemble import EnsemblePredictor, mean_predict_fn
     from segshare.inference.predictor import Predictor, predict_cases
     from segshare.inference.sliding_window import WindowSettings
 
@@ -220,6 +219,7 @@ def run_ct_file(repeats: int, target_spacing=None, members=(1,)) -> dict:
 
     from segshare.data.discovery import Case
     from segshare.data.preprocessing import Plan
+    from segshare.inference.ensemble import EnsemblePredictor, mean_predict_fn
     from segshare.inference.predictor import Predictor, predict_cases
     from segshare.inference.sliding_window import WindowSettings
 

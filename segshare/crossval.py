@@ -38,7 +38,13 @@ def run(cfg: DictConfig) -> dict:
     runs = _runs(cfg)
     if OmegaConf.is_missing(cfg, "output") or cfg.output is None:
         raise ValueError("output is required: the folder for the merge, e.g. output=crossval.")
-    return merge_folds(runs, cfg.output, num_workers=cfg.num_workers, progress=cfg.progress)
+    return merge_folds(
+        runs,
+        cfg.output,
+        num_workers=cfg.num_workers,
+        progress=cfg.progress,
+        postprocessing=bool(cfg.postprocessing),
+    )
 
 
 def format_results(summary: dict, output: str) -> str:
@@ -57,6 +63,17 @@ def format_results(summary: dict, output: str) -> str:
     )
     for key, name in summary["labels"].items():
         lines.append(f"  label {key} ({name}): Dice {summary['mean'][key]['Dice']:.4f}")
+    post = folds.get("postprocessing")
+    if post:
+        steps = "; ".join(
+            f"{s['kind']} of labels {list(s['labels'])}"
+            + (f" (< {s['min_voxels']} voxels)" if s.get("min_voxels") else "")
+            for s in post["steps"]
+        )
+        lines.append(
+            f"postprocessing ({post['file']}): {steps or 'none helps'}; foreground-mean Dice "
+            f"{post['foreground_dice_before']:.4f} -> {post['foreground_dice_after']:.4f}"
+        )
     lines.append(f"reports in {output}")
     return "\n".join(lines)
 

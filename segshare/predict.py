@@ -55,6 +55,14 @@ def run(cfg: DictConfig) -> PredictReport:
         progress=bool(cfg.inference.progress),
         max_voxels=int(cfg.inference.max_voxels),
     )
+    postprocess = None
+    if cfg.postprocessing is not None:
+        from functools import partial
+
+        from segshare.evaluation.postprocessing import apply_postprocessing, load_postprocessing
+
+        steps = load_postprocessing(cfg.postprocessing)
+        postprocess = partial(apply_postprocessing, steps=steps)
     cases = select_shard(discover_images(cfg.input, runs[0].in_channels), index, count)
     output = Path(cfg.output).resolve()
     if any(p.resolve().parent == output for c in cases for p in c.images):
@@ -73,6 +81,7 @@ def run(cfg: DictConfig) -> PredictReport:
         skip_existing=bool(cfg.inference.skip_existing),
         failures_name=failures_file_name(int(index), int(count)),
         progress=bool(cfg.inference.progress),
+        postprocess=postprocess,
     )
 
 

@@ -26,12 +26,27 @@ from pathlib import Path
 
 import numpy as np
 
-from segshare.data.io import atomic_folder, list_nifti, strip_nifti_suffix, write_json_atomic
+from segshare.data.io import (
+    atomic_folder,
+    list_nifti,
+    save_nifti_atomic,
+    strip_nifti_suffix,
+    write_json_atomic,
+)
+from segshare.data.parallel import default_num_workers, parallel_map
 from segshare.evaluation.folders import evaluate_folders
 from segshare.evaluation.metrics import aggregate_means
+from segshare.evaluation.postprocessing import (
+    PostprocessingStep,
+    apply_postprocessing,
+    decide_postprocessing,
+    save_postprocessing,
+)
 from segshare.inference.trained_run import MODEL_FILE, TrainedRun, load_trained_run
 
 FOLDS_FILE = "folds.json"
+POSTPROCESSING_FILE = "postprocessing.json"
+POSTPROCESSED_DIR = "postprocessed"
 _REDO = (
     "re-run its final evaluation (its segshare-train command again with hydra.run.dir=RUN: a "
     "finished run is not trained further, it rewrites run.json and evaluates) or re-train it "
@@ -271,6 +286,7 @@ def merge_folds(
     output: str | Path,
     num_workers: int | None = None,
     progress: bool = True,
+    postprocessing: bool = True,
 ) -> dict:
     """Merge the validation predictions of the folds' runs into ``output`` and score them.
 
@@ -279,6 +295,10 @@ def merge_folds(
         output: the merge folder (created; a previous merge there is replaced).
         num_workers: worker processes of the evaluation; default the usable CPUs (at most 8).
         progress: show a progress bar.
+        postprocessing: also decide the connected-component postprocessing on the merged
+            predictions (``postprocessing.json``), apply it (``postprocessed/predictions``) and
+            score the result (``postprocessed/summary.json``); ``folds.json`` records the Dice
+            with and without it.
 
     Returns:
         The summary of all cases (``summary.json``) with ``"folds"``: the ``folds.json`` contents.
@@ -307,8 +327,65 @@ def merge_folds(
         progress=progress,
     )
     results = fold_results(summary, folds)
+    if postprocessing:
+        scored = sorted(v for v in labels.values() if v != 0)
+        results["postprocessing"] = {
+            "foreground_dice_before": summary["foreground_mean"].get("Dice", float("nan")),
+            **_postprocess(output, scored, names, num_workers, progress),
+        }
     write_json_atomic(results, output / FOLDS_FILE)
     return {**summary, "folds": results}
 
 
-__all__ = ["FOLDS_FILE", "FoldRun", "check_folds", "fold_results", "load_fold_run", "merge_folds"]
+def _postprocess_file(job: tuple[Path, Path, list[PostprocessingStep]]) -> None:
+    """Apply the steps to one label map; the output keeps the input's header and geometry."""
+    import nibabel as nib
+
+    source, target, steps = job
+    img = nib.load(source)
+    labels = np.asarray(img.dataobj)
+    out = apply_postprocessing(labels, steps).astype(labels.dtype, copy=False)
+    save_nifti_atomic(nib.Nifti1Image(out, img.affine, img.header), target)
+
+
+def _postprocess(
+    output: Path, labels: list[int], names: Path, num_workers: int | None, progress: bool
+) -> dict:
+    """Decide the postprocessing on ``output``'s merged predictions, apply and score it."""
+    files = sorted(list_nifti(output / "predictions"))
+    pairs = [(p, output / "references" / p.name) for p in files]
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    decision = decide_postprocessing(pairs, labels, num_workers=workers, progress=progress)
+    save_postprocessing(decision, output / POSTPROCESSING_FILE)
+    steps = [PostprocessingStep.from_dict(s) for s in decision["steps"]]
+    target = output / POSTPROCESSED_DIR
+    with atomic_folder(target / "predictions") as tmp:
+        jobs = [(p, tmp / p.name, steps) for p in files]
+        for _ in parallel_map(_postprocess_file, jobs, workers, "postprocess", progress):
+            pass
+    after = evaluate_folders(
+        target / "predictions",
+        output / "references",
+        target,
+        labels=labels,
+        num_workers=num_workers,
+        dataset_json=names,
+        progress=progress,
+    )
+    return {
+        "file": POSTPROCESSING_FILE,
+        "steps": decision["steps"],
+        "foreground_dice_after": after["foreground_mean"].get("Dice", float("nan")),
+    }
+
+
+__all__ = [
+    "FOLDS_FILE",
+    "POSTPROCESSED_DIR",
+    "POSTPROCESSING_FILE",
+    "FoldRun",
+    "check_folds",
+    "fold_results",
+    "load_fold_run",
+    "merge_folds",
+]

@@ -31,7 +31,13 @@ from segshare.data.discovery import Case
 from segshare.data.io import atomic_target, save_nifti_atomic
 from segshare.data.preprocessing import restore_to_original
 from segshare.data.validation import DEFAULT_MAX_VOXELS
-from segshare.inference.predictor import Predictor, argmax_labels, label_nifti, output_paths
+from segshare.inference.predictor import (
+    LabelFn,
+    Predictor,
+    argmax_labels,
+    label_nifti,
+    output_paths,
+)
 from segshare.inference.sliding_window import WindowSettings
 from segshare.inference.trained_run import TrainedRun, check_window, load_trained_run
 
@@ -164,13 +170,17 @@ class EnsemblePredictor:
         source: nib.Nifti1Image,
         output_dir: Path,
         save_probabilities: bool = False,
+        postprocess: LabelFn | None = None,
     ) -> Path:
-        """Write the labels (and the probabilities) of probabilities already on the scan's grid."""
+        """Write the labels (and the probabilities) of probabilities already on the scan's grid;
+        ``postprocess`` maps the labels before they are written."""
         nii_path, npz_path = output_paths(output_dir, case_id)
         if save_probabilities:
             with atomic_target(npz_path, ".npz") as tmp:
                 np.savez_compressed(tmp, probabilities=probs)
         labels = argmax_labels(probs)
+        if postprocess is not None:
+            labels = postprocess(labels)
         return save_nifti_atomic(label_nifti(labels, source), nii_path)
 
 

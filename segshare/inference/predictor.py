@@ -34,6 +34,8 @@ from segshare.data.validation import DEFAULT_MAX_VOXELS, check_geometry, open_he
 from segshare.inference.sliding_window import WindowSettings
 
 FAILURES_FILE = "failures.json"
+#: Maps a label map on the scan's grid to the one written (e.g. connected-component postprocessing).
+LabelFn = Callable[[np.ndarray], np.ndarray]
 NIFTI_INTENT_LABEL = 1002
 
 
@@ -198,8 +200,10 @@ class Predictor:
         source: nib.Nifti1Image,
         output_dir: Path,
         save_probabilities: bool = False,
+        postprocess: LabelFn | None = None,
     ) -> Path:
-        """Restore ``probs`` to the scan's grid, write the labels (and probabilities) atomically.
+        """Restore ``probs`` to the scan's grid, write the labels (and probabilities) atomically;
+        ``postprocess`` maps the labels on the scan's grid before they are written.
 
         Probabilities are resampled back before the argmax (as nnU-Net). Unless they are saved,
         no ``(I, J, K, num_classes)`` buffer is made: without resampling the argmax is taken
@@ -218,6 +222,8 @@ class Predictor:
         else:
             labels = restore_to_original(argmax_labels(probs), props, is_label=True)
         del probs
+        if postprocess is not None:
+            labels = postprocess(labels)
         return save_nifti_atomic(label_nifti(labels, source), nii_path)
 
 
@@ -236,6 +242,7 @@ def _predict_overlapped(
     save_probabilities: bool,
     report: PredictReport,
     progress: bool,
+    postprocess: LabelFn | None = None,
 ) -> None:
     """Predict ``todo`` into ``out``, reading the next case and writing the last one in background
     threads; each case's outcome goes into ``report`` (a failure never stops the others)."""
@@ -251,7 +258,9 @@ def _predict_overlapped(
 
     def write(case: Case, probs, props, source) -> None:
         try:
-            predictor.write(case.case_id, probs, props, source, out, save_probabilities)
+            predictor.write(
+                case.case_id, probs, props, source, out, save_probabilities, postprocess
+            )
             with lock:
                 report.written.append(case.case_id)
         except Exception as err:  # noqa: BLE001 - reported per case
@@ -290,6 +299,7 @@ def predict_cases(
     skip_existing: bool = True,
     failures_name: str = FAILURES_FILE,
     progress: bool = True,
+    postprocess: LabelFn | None = None,
 ) -> PredictReport:
     """Predict every case into ``output_dir``; one bad case never stops the others.
 
@@ -306,6 +316,7 @@ def predict_cases(
         skip_existing: Skip cases whose ``<case>.nii.gz`` (and ``.npz`` if asked) exist.
         failures_name: File name of the failure list inside ``output_dir``.
         progress: Show a progress bar over cases.
+        postprocess: maps each label map (on the scan's grid) before it is written.
 
     Returns:
         A :class:`PredictReport`.
@@ -322,7 +333,7 @@ def predict_cases(
         else:
             todo.append(case)
     _remove_stale_temporaries(out, [c.case_id for c in todo])
-    _predict_overlapped(predictor, todo, out, save_probabilities, report, progress)
+    _predict_overlapped(predictor, todo, out, save_probabilities, report, progress, postprocess)
     report.failed.sort(key=lambda f: f["case_id"])
     write_json_atomic(report.failed, out / failures_name)
     report.seconds = time.perf_counter() - start

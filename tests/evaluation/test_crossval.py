@@ -237,3 +237,32 @@ def test_an_output_inside_a_run_is_refused(runs, tmp_path):
     with pytest.raises(ValueError, match="overlaps the run"):
         merge(runs, runs[1] / "validation")
     assert (runs[1] / "validation" / "predictions" / "case_1.nii.gz").is_file()
+
+
+def test_postprocessing_is_decided_on_the_merge_kept_only_where_it_helps(runs, tmp_path):
+    """Single-cube predictions: no step helps. Spurious islands in two folds: keeping the largest
+    component is kept, applied in postprocessed/, and raises the merged Dice."""
+    clean = merge(runs, tmp_path / "clean")["folds"]["postprocessing"]
+    assert clean["steps"] == []
+    assert clean["foreground_dice_after"] == pytest.approx(clean["foreground_dice_before"])
+    for run_dir, case in ((runs[0], "case_0"), (runs[1], "case_4")):
+        noisy = cube(SHIFTS[case])
+        noisy[7, 7, 7] = noisy[0, 0, 7] = 1  # two one-voxel islands
+        pred = run_dir / "validation" / "predictions" / f"{case}.nii.gz"
+        pred.unlink()
+        save(noisy, pred)
+    out = tmp_path / "noisy"
+    folds = merge(runs, out)["folds"]
+    post = folds["postprocessing"]
+    assert post["steps"] and post["steps"][0]["kind"] == "largest_component"
+    assert post["foreground_dice_after"] > post["foreground_dice_before"]
+    decision = json.loads((out / "postprocessing.json").read_text())
+    assert decision["steps"] == post["steps"]
+    fixed = nib.load(out / "postprocessed" / "predictions" / "case_0.nii.gz")
+    np.testing.assert_array_equal(np.asarray(fixed.dataobj), cube(0))
+    np.testing.assert_array_equal(fixed.affine, np.eye(4))
+    after = json.loads((out / "postprocessed" / "summary.json").read_text())
+    assert after["foreground_mean"]["Dice"] == pytest.approx(post["foreground_dice_after"])
+    assert "postprocessing (postprocessing.json): largest_component" in format_results(
+        merge(runs, out), str(out)
+    )

@@ -1,0 +1,51 @@
+"""segshare-predict postprocessing=FILE: the crossval's decision applied before writing."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from segshare.evaluation.postprocessing import PostprocessingStep, save_postprocessing
+from tests.inference.conftest import write_scan
+
+
+def _two_blobs(folder):
+    """A bright 6^3 blob and a bright 2^3 blob on a dark background (the threshold model
+    predicts both)."""
+    data = np.full((20, 20, 20), 100.0)
+    data[2:8, 2:8, 2:8] = 2000.0
+    data[14:16, 14:16, 14:16] = 2000.0
+    return write_scan(folder / "case.nii.gz", data, np.eye(4))
+
+
+def test_predictions_are_postprocessed_as_the_file_says(run_dir, tmp_path, compose_cfg):
+    from segshare.predict import run
+
+    scan = _two_blobs(tmp_path)
+    step = PostprocessingStep("largest_component", (1,))
+    rule = save_postprocessing({"format": 1, "labels": [1], "steps": [step.to_dict()]},
+                               tmp_path / "postprocessing.json")  # fmt: skip
+    outputs = {}
+    for name, extra in (("plain", []), ("post", [f"postprocessing={rule}"])):
+        out = tmp_path / name
+        report = run(compose_cfg(f"model_path={run_dir}", f"input={scan}", f"output={out}", *extra))
+        assert report.written == ["case"], report.failed
+        outputs[name] = np.asarray(nib.load(tmp_path / name / "case.nii.gz").dataobj)
+    assert outputs["plain"][15, 15, 15] == 1 and outputs["plain"][4, 4, 4] == 1
+    assert outputs["post"][15, 15, 15] == 0 and outputs["post"][4, 4, 4] == 1  # island removed
+    assert int(outputs["post"].sum()) == int((outputs["plain"][:10, :10, :10]).sum())
+
+
+def test_a_bad_postprocessing_file_is_a_setup_error_naming_it(run_dir, tmp_path, compose_cfg):
+    from segshare.predict import run
+
+    scan = _two_blobs(tmp_path)
+    bad = tmp_path / "pp.json"
+    bad.write_text(json.dumps({"format": 1, "steps": [{"kind": "dilate", "labels": [1]}]}))
+    cfg = compose_cfg(f"model_path={run_dir}", f"input={scan}", f"output={tmp_path / 'o'}",
+                      f"postprocessing={bad}")  # fmt: skip
+    with pytest.raises(ValueError, match="pp.json"):
+        run(cfg)
