@@ -12,6 +12,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from segshare.cli import USER_ERRORS, exit_on_user_error
+from segshare.evaluation.configurations import find_best_configuration
 from segshare.evaluation.crossval import merge_folds
 
 
@@ -34,10 +35,27 @@ def _runs(cfg: DictConfig) -> list[str]:
 
 def run(cfg: DictConfig) -> dict:
     """Runs the merge described by a composed ``crossval.yaml``; returns the summary (with
-    ``"folds"``: the ``folds.json`` contents)."""
-    runs = _runs(cfg)
+    ``"folds"``: the ``folds.json`` contents), or with ``runs_by_config`` the
+    ``best_configuration.json`` contents."""
     if OmegaConf.is_missing(cfg, "output") or cfg.output is None:
         raise ValueError("output is required: the folder for the merge, e.g. output=crossval.")
+    if cfg.get("runs_by_config") is not None:
+        if cfg.get("runs") is not None:
+            raise ValueError(
+                "give runs=[...] (one configuration) or runs_by_config={...}, not both."
+            )
+        by_config = OmegaConf.to_container(cfg.runs_by_config)
+        if not isinstance(by_config, dict) or not all(
+            isinstance(v, list) and v for v in by_config.values()
+        ):
+            raise ValueError(
+                "runs_by_config must map each configuration to the runs of its folds, e.g. "
+                f"runs_by_config={{none:[RUN0,RUN1],stage:[RUN2,RUN3]}}; got {by_config}."
+            )
+        return find_best_configuration(
+            by_config, cfg.output, num_workers=cfg.num_workers, progress=cfg.progress
+        )
+    runs = _runs(cfg)
     return merge_folds(
         runs,
         cfg.output,
@@ -45,6 +63,21 @@ def run(cfg: DictConfig) -> dict:
         progress=cfg.progress,
         postprocessing=bool(cfg.postprocessing),
     )
+
+
+def format_ranking(best: dict, output: str) -> str:
+    """The configurations and ensembles by cross-validation Dice, and the predict command."""
+    lines = [f"{'rank':>4}  {'Dice':>6}  configuration"]
+    for i, row in enumerate(best["ranking"], 1):
+        lines.append(f"{i:>4}  {row['foreground_dice']:6.4f}  {row['name']}")
+    post = best["best"]["postprocessing"]
+    lines += [
+        f"best: {best['best']['name']} (postprocessing: {len(post['steps'])} step(s), Dice "
+        f"{post['foreground_dice_before']:.4f} -> {post['foreground_dice_after']:.4f})",
+        f"predict with: {best['predict_command']}",
+        f"details in {output}/best_configuration.json",
+    ]
+    return "\n".join(lines)
 
 
 def format_results(summary: dict, output: str) -> str:
@@ -83,7 +116,10 @@ def main(cfg: DictConfig) -> None:
     """Console entry point ``segshare-crossval runs=[RUN0,RUN1,...] output=DIR``."""
     with exit_on_user_error("segshare-crossval", [((*USER_ERRORS, OSError), 1)]):
         summary = run(cfg)
-    print(format_results(summary, str(cfg.output)))
+    if "ranking" in summary:
+        print(format_ranking(summary, str(cfg.output)))
+    else:
+        print(format_results(summary, str(cfg.output)))
 
 
 if __name__ == "__main__":

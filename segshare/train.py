@@ -76,7 +76,13 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     last = trainer.fit()
     objects = {"model": model, "run_dir": run_dir, "prepared": prepared, "report": report}
     if cfg.final_evaluation and is_chief(strategy) and prepared.val_ids:
-        summary = evaluate_fold(run_dir, prepared, window, progress=settings.progress)
+        summary = evaluate_fold(
+            run_dir,
+            prepared,
+            window,
+            progress=settings.progress,
+            save_probabilities=bool(cfg.save_validation_probabilities),
+        )
         last["final_val_dice_fg_mean"] = summary["foreground_mean"].get("Dice", float("nan"))
         objects["summary"] = summary
     return last, objects

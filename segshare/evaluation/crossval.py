@@ -29,6 +29,7 @@ import numpy as np
 from segshare.data.io import (
     atomic_folder,
     list_nifti,
+    read_json,
     save_nifti_atomic,
     strip_nifti_suffix,
     write_json_atomic,
@@ -329,10 +330,7 @@ def merge_folds(
     results = fold_results(summary, folds)
     if postprocessing:
         scored = sorted(v for v in labels.values() if v != 0)
-        results["postprocessing"] = {
-            "foreground_dice_before": summary["foreground_mean"].get("Dice", float("nan")),
-            **_postprocess(output, scored, names, num_workers, progress),
-        }
+        results["postprocessing"] = postprocess_merge(output, scored, names, num_workers, progress)
     write_json_atomic(results, output / FOLDS_FILE)
     return {**summary, "folds": results}
 
@@ -348,10 +346,16 @@ def _postprocess_file(job: tuple[Path, Path, list[PostprocessingStep]]) -> None:
     save_nifti_atomic(nib.Nifti1Image(out, img.affine, img.header), target)
 
 
-def _postprocess(
+def postprocess_merge(
     output: Path, labels: list[int], names: Path, num_workers: int | None, progress: bool
 ) -> dict:
-    """Decide the postprocessing on ``output``'s merged predictions, apply and score it."""
+    """Decide the postprocessing on the merged predictions of ``output`` (a folder with
+    ``predictions/``, ``references/`` and their ``summary.json``), write ``postprocessing.json``,
+    apply it into ``postprocessed/predictions`` and score that (``postprocessed/summary.json``).
+
+    Returns:
+        ``file``, the kept ``steps`` and the foreground-mean Dice before and after.
+    """
     files = sorted(list_nifti(output / "predictions"))
     pairs = [(p, output / "references" / p.name) for p in files]
     workers = default_num_workers() if num_workers is None else int(num_workers)
@@ -372,9 +376,11 @@ def _postprocess(
         dataset_json=names,
         progress=progress,
     )
+    before = read_json(output / "summary.json")["foreground_mean"].get("Dice", float("nan"))
     return {
         "file": POSTPROCESSING_FILE,
         "steps": decision["steps"],
+        "foreground_dice_before": before,
         "foreground_dice_after": after["foreground_mean"].get("Dice", float("nan")),
     }
 
@@ -388,4 +394,5 @@ __all__ = [
     "fold_results",
     "load_fold_run",
     "merge_folds",
+    "postprocess_merge",
 ]

@@ -1,7 +1,9 @@
 """The last step of training: the fold's validation cases predicted on their original grids by the
 trained run, as ``segshare-predict`` would, and scored as ``segshare-evaluate`` would.
 
-Writes ``validation/predictions/``, ``validation/references/`` (links to the labels, named like the
+Writes ``validation/predictions/`` (labels, and with ``save_probabilities`` the class
+probabilities ``<case>.npz`` on the scan's grid, from which ``segshare-crossval`` ensembles
+configurations without retraining), ``validation/references/`` (links to the labels, named like the
 predictions) and the evaluation report (``validation/summary.json`` ...) into the run folder.
 """
 
@@ -36,6 +38,7 @@ def evaluate_trained_run(
     window: WindowSettings,
     dataset_json: Path | None = None,
     progress: bool = True,
+    save_probabilities: bool = False,
 ) -> dict:
     """Predict ``cases`` (labelled) with the run in ``run_dir`` and evaluate them.
 
@@ -45,6 +48,7 @@ def evaluate_trained_run(
         window: the sliding window (``roi_size`` None = the run's training patch).
         dataset_json: the dataset's ``dataset.json`` (label names), if any.
         progress: show progress bars.
+        save_probabilities: also write each case's probabilities (``<case>.npz``).
 
     Returns:
         The evaluation summary (``validation/summary.json``).
@@ -53,7 +57,14 @@ def evaluate_trained_run(
     pred_dir, ref_dir = out / "predictions", out / "references"
     ref_dir.mkdir(parents=True, exist_ok=True)
     predictor = load_trained_run(run_dir).predictor(window)
-    predict_cases(predictor, cases, pred_dir, skip_existing=False, progress=progress)
+    predict_cases(
+        predictor,
+        cases,
+        pred_dir,
+        save_probabilities=save_probabilities,
+        skip_existing=False,
+        progress=progress,
+    )
     for case in cases:
         _reference_link(Path(case.label), ref_dir / f"{case.case_id}.nii.gz")
     summary = evaluate_folders(
@@ -67,7 +78,11 @@ def evaluate_trained_run(
 
 
 def evaluate_fold(
-    run_dir: Path, prepared: PreparedData, window: WindowSettings, progress: bool = True
+    run_dir: Path,
+    prepared: PreparedData,
+    window: WindowSettings,
+    progress: bool = True,
+    save_probabilities: bool = False,
 ) -> dict:
     """:func:`evaluate_trained_run` on all of the fold's validation cases (even when the epochs
     validated on fewer), with the dataset's label names."""
@@ -75,4 +90,6 @@ def evaluate_fold(
     cases = [c for c in prepared.dataset.cases if c.case_id in wanted]
     dataset_json = Path(prepared.dataset.root) / "dataset.json"
     names = dataset_json if dataset_json.exists() else None
-    return evaluate_trained_run(run_dir, cases, window, names, progress=progress)
+    return evaluate_trained_run(
+        run_dir, cases, window, names, progress=progress, save_probabilities=save_probabilities
+    )

@@ -266,3 +266,70 @@ def test_postprocessing_is_decided_on_the_merge_kept_only_where_it_helps(runs, t
     assert "postprocessing (postprocessing.json): largest_component" in format_results(
         merge(runs, out), str(out)
     )
+
+
+def _with_probabilities(run_dir: Path, confidence: float, shifts=None) -> Path:
+    """Give a fake run's validation cases saved probabilities (as training's final evaluation
+    writes them) of the given confidence, optionally re-predicting with other shifts."""
+    for pred in sorted((run_dir / "validation" / "predictions").glob("*.nii.gz")):
+        case = pred.name[: -len(".nii.gz")]
+        labels = cube((shifts or SHIFTS)[case])
+        if shifts:
+            pred.unlink()
+            save(labels, pred)
+        p1 = np.where(labels == 1, confidence, 1 - confidence).astype(np.float32)
+        np.savez_compressed(pred.with_name(f"{case}.npz"), probabilities=np.stack([1 - p1, p1], -1))
+    return run_dir
+
+
+def test_configurations_and_their_ensembles_are_ranked_by_crossval_dice(tmp_path):
+    from segshare.evaluation.configurations import find_best_configuration
+
+    other = dict.fromkeys(SHIFTS, 0) | {"case_6": 1}  # B is better than A, except nowhere worse
+    by_config = {
+        "a": [_with_probabilities(write_run(tmp_path / "a" / str(k), k), 0.7) for k in FOLDS],
+        "b": [
+            _with_probabilities(write_run(tmp_path / "b" / str(k), k), 0.9, other) for k in FOLDS
+        ],
+    }
+    out = tmp_path / "compare"
+    best = find_best_configuration(by_config, out, num_workers=1, progress=False)
+    scores = {row["name"]: row["foreground_dice"] for row in best["ranking"]}
+    assert scores["a"] == pytest.approx(4.75 / 7)
+    assert scores["b"] == pytest.approx((6 + 3 / 4) / 7)
+    # the more confident b wins every disagreement: the ensemble labels are b's
+    assert scores["a+b"] == pytest.approx(scores["b"])
+    assert [row["name"] for row in best["ranking"]][-1] == "a"
+    assert best["best"]["name"] in ("b", "a+b")
+    ensemble = nib.load(out / "ensembles" / "a+b" / "predictions" / "case_1.nii.gz")
+    np.testing.assert_array_equal(np.asarray(ensemble.dataobj), cube(0))
+    on_disk = json.loads((out / "best_configuration.json").read_text())
+    assert on_disk["predict_command"].startswith("segshare-predict model_path=[")
+    assert all(run in on_disk["predict_command"] for run in on_disk["best"]["runs"])
+    assert (
+        out / best["best"]["name"].replace("a+b", "ensembles/a+b") / "postprocessing.json"
+    ).is_file()
+
+    (by_config["a"][0] / "validation" / "predictions" / "case_0.npz").unlink()
+    with pytest.raises(ValueError, match=r"configuration 'a': no saved probabilities .*case_0"):
+        find_best_configuration(by_config, tmp_path / "again", num_workers=1, progress=False)
+    with pytest.raises(ValueError, match="at least two configurations"):
+        find_best_configuration({"a": by_config["a"]}, tmp_path / "one", num_workers=1)
+
+
+def test_the_app_compares_configurations_given_as_runs_by_config(tmp_path):
+    from segshare.crossval import format_ranking
+
+    runs = {
+        name: [_with_probabilities(write_run(tmp_path / name / str(k), k), c) for k in FOLDS]
+        for name, c in (("none", 0.8), ("stage", 0.7))
+    }
+    listing = ",".join(f"{n}:[{','.join(map(str, r))}]" for n, r in runs.items())
+    best = run(_compose(f"runs_by_config={{{listing}}}", f"output={tmp_path / 'cmp'}"))
+    names = sorted(row["name"] for row in best["ranking"])
+    assert names == ["none", "none+stage", "stage"]  # equal labels: every candidate ties
+    assert (tmp_path / "cmp" / "best_configuration.json").is_file()
+    text = format_ranking(best, str(tmp_path / "cmp"))
+    assert "predict with: segshare-predict model_path=[" in text
+    with pytest.raises(ValueError, match="not both"):
+        run(_compose(f"runs=[{runs['none'][0]}]", f"runs_by_config={{{listing}}}", "output=x"))

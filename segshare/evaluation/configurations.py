@@ -1,0 +1,206 @@
+"""Which configuration to use, by cross-validation (nnU-Net's ``nnUNetv2_find_best_configuration``).
+
+For several configurations (e.g. sharing schemes, or 2d and 3d_fullres), each given as the runs
+of all its folds:
+
+1. each configuration's folds are merged and scored (:func:`~segshare.evaluation.crossval.
+   merge_folds`, into ``output/<name>/``);
+2. every pair of configurations is ensembled out of fold, without retraining: per case the
+   class probabilities its fold's runs saved at their final evaluation
+   (``validation/predictions/<case>.npz``, on the scan's grid) are averaged, then the argmax
+   (``output/ensembles/<a>+<b>/``), and scored against the same references;
+3. all candidates are ranked by foreground-mean Dice over all cases; the connected-component
+   postprocessing is decided on the best one's merged predictions (``postprocessing.json`` in
+   its folder), and ``best_configuration.json`` records the ranking, the best candidate, its
+   runs and the exact ``segshare-predict`` command that reproduces it.
+
+The configurations must cover the same cases with the same labels (each is checked as a
+cross-validation on its own first).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from segshare.data.io import atomic_folder, save_nifti_atomic, write_json_atomic
+from segshare.data.parallel import default_num_workers, parallel_map
+from segshare.evaluation.crossval import (
+    FoldRun,
+    check_folds,
+    merge_folds,
+    postprocess_merge,
+)
+from segshare.evaluation.folders import evaluate_folders
+
+BEST_FILE = "best_configuration.json"
+ENSEMBLES_DIR = "ensembles"
+
+
+def _probabilities(fold_runs: Sequence[FoldRun], name: str) -> dict[str, Path]:
+    """case id -> its saved probabilities, for every case of a configuration's folds.
+
+    Raises:
+        ValueError: a case has no ``.npz``, naming the run and the way to make it.
+    """
+    found, missing = {}, {}
+    for fold in fold_runs:
+        for case, prediction in fold.predictions.items():
+            npz = prediction.parent / f"{case}.npz"
+            if npz.is_file():
+                found[case] = npz
+            else:
+                missing.setdefault(str(fold.folder), []).append(case)
+    if missing:
+        where = "; ".join(f"{run}: {', '.join(sorted(c)[:5])}" for run, c in missing.items())
+        raise ValueError(
+            f"configuration {name!r}: no saved probabilities for some validation cases ({where}); "
+            f"an ensemble needs them: re-run the final evaluation of those runs with "
+            f"save_validation_probabilities=true (the default)."
+        )
+    return found
+
+
+def _ensemble_case(job: tuple) -> None:
+    """Average the members' probabilities of one case, write the argmax with its geometry."""
+    import nibabel as nib
+
+    case, members, like, target = job
+    total = None
+    for npz in members:
+        with np.load(npz) as data:
+            probs = data["probabilities"].astype(np.float32, copy=False)
+        if total is None:
+            total = probs.copy()
+        elif probs.shape != total.shape:
+            raise ValueError(f"{npz}: probabilities of shape {probs.shape}, not {total.shape}.")
+        else:
+            total += probs
+    source = nib.load(like)
+    labels = total.argmax(-1).astype(np.uint8)
+    if labels.shape != source.shape[:3]:
+        raise ValueError(f"{members[0]}: probabilities of shape {total.shape} for {like}.")
+    header = source.header.copy()
+    header.set_data_dtype(np.uint8)
+    save_nifti_atomic(nib.Nifti1Image(labels, source.affine, header), target / f"{case}.nii.gz")
+
+
+def _ensemble(
+    names: Sequence[str],
+    probabilities: Mapping[str, dict[str, Path]],
+    merged: Path,
+    folder: Path,
+    num_workers: int,
+    progress: bool,
+) -> dict:
+    """Out-of-fold ensemble of ``names`` into ``folder`` (predictions, references, report)."""
+    import shutil
+
+    cases = sorted(probabilities[names[0]])
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(folder / "predictions") as tmp:
+        jobs = [
+            (c, [probabilities[n][c] for n in names], merged / "predictions" / f"{c}.nii.gz", tmp)
+            for c in cases
+        ]
+        for _ in parallel_map(_ensemble_case, jobs, num_workers, "ensemble", progress):
+            pass
+    with atomic_folder(folder / "references") as tmp:
+        for c in cases:
+            (tmp / f"{c}.nii.gz").symlink_to((merged / "references" / f"{c}.nii.gz").resolve())
+    shutil.copyfile(merged / "dataset.json", folder / "dataset.json")
+    return evaluate_folders(
+        folder / "predictions",
+        folder / "references",
+        folder,
+        num_workers=num_workers,
+        dataset_json=folder / "dataset.json",
+        progress=progress,
+    )
+
+
+def find_best_configuration(
+    runs_by_config: Mapping[str, Sequence[str | Path]],
+    output: str | Path,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Rank configurations and their pairwise ensembles by cross-validation (module docstring).
+
+    Args:
+        runs_by_config: configuration name -> the run folders of its folds.
+        output: the folder of the comparison (created).
+        num_workers: worker processes; default the usable CPUs (at most 8).
+        progress: show progress bars.
+
+    Returns:
+        The ``best_configuration.json`` contents.
+
+    Raises:
+        ValueError: fewer than two configurations, a configuration that is not a complete
+            cross-validation, configurations that cover other cases or labels, or missing saved
+            probabilities (each message names the configuration and runs).
+    """
+    if len(runs_by_config) < 2:
+        raise ValueError(
+            f"runs_by_config needs at least two configurations to compare, got "
+            f"{sorted(runs_by_config)}; for one, use runs=[...]."
+        )
+    output = Path(output)
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    folds = {name: check_folds(runs) for name, runs in runs_by_config.items()}
+    first = next(iter(folds))
+    for name, fold_runs in folds.items():
+        cases = set().union(*(f.predictions for f in fold_runs))
+        reference = set().union(*(f.predictions for f in folds[first]))
+        labels = fold_runs[0].run.plan.labels
+        if cases != reference or labels != folds[first][0].run.plan.labels:
+            raise ValueError(
+                f"configurations {first!r} and {name!r} cover different cases or labels "
+                f"({len(reference)} vs {len(cases)} cases; labels {folds[first][0].run.plan.labels}"
+                f" vs {labels}); compare configurations of one dataset and split."
+            )
+    scores, members = {}, {}
+    for name, runs in runs_by_config.items():
+        summary = merge_folds(runs, output / name, workers, progress, postprocessing=False)
+        scores[name] = summary["foreground_mean"].get("Dice", float("nan"))
+        members[name] = [name]
+    probabilities = {name: _probabilities(folds[name], name) for name in folds}
+    for a, b in itertools.combinations(folds, 2):
+        key = f"{a}+{b}"
+        summary = _ensemble(
+            (a, b), probabilities, output / a, output / ENSEMBLES_DIR / key, workers, progress
+        )
+        scores[key] = summary["foreground_mean"].get("Dice", float("nan"))
+        members[key] = [a, b]
+    ranking = sorted(scores, key=lambda k: -np.nan_to_num(scores[k], nan=-1.0))
+    best = ranking[0]
+    best_dir = output / best if len(members[best]) == 1 else output / ENSEMBLES_DIR / best
+    labels = sorted(v for v in folds[first][0].run.plan.labels.values() if v != 0)
+    post = postprocess_merge(best_dir, labels, best_dir / "dataset.json", workers, progress)
+    runs = [str(f.folder) for name in members[best] for f in folds[name]]
+    command = (
+        f"segshare-predict model_path=[{','.join(runs)}] input=INPUT output=OUTPUT "
+        f"postprocessing={best_dir / post['file']}"
+    )
+    result = {
+        "ranking": [
+            {"name": k, "members": members[k], "foreground_dice": scores[k]} for k in ranking
+        ],
+        "best": {
+            "name": best,
+            "members": members[best],
+            "runs": runs,
+            "foreground_dice": scores[best],
+            "postprocessing": post,
+        },
+        "predict_command": command,
+    }
+    write_json_atomic(result, output / BEST_FILE)
+    return result
+
+
+__all__ = ["BEST_FILE", "ENSEMBLES_DIR", "find_best_configuration"]
