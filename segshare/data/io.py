@@ -22,6 +22,9 @@ import nibabel as nib
 import numpy as np
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: In a folder of predictions: ``{case_id: [scan paths]}`` of the scans they were made from
+#: (``segshare-predict`` writes it, one per shard; the evaluation reads it for its overlays).
+INPUTS_FILE = "inputs.json"
 
 
 class NiftiReadError(ValueError):

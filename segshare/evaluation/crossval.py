@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from segshare.data.io import (
+    INPUTS_FILE,
     atomic_folder,
     list_nifti,
     read_json,
@@ -35,7 +36,7 @@ from segshare.data.io import (
     write_json_atomic,
 )
 from segshare.data.parallel import default_num_workers, parallel_map
-from segshare.evaluation.folders import evaluate_folders
+from segshare.evaluation.folders import evaluate_folders, recorded_inputs
 from segshare.evaluation.metrics import aggregate_means
 from segshare.evaluation.postprocessing import (
     PostprocessingStep,
@@ -316,6 +317,11 @@ def merge_folds(
     for kind in ("predictions", "references"):
         files = {p.name: p for fold in folds for p in getattr(fold, kind).values()}
         _link_folder(output / kind, files)
+    scans = {}  # the folds' recorded scans, so that the merged report shows overlays
+    for fold in folds:
+        scans.update(recorded_inputs(fold.folder / "validation" / "predictions"))
+    inputs = {case: [str(path)] for case, path in sorted(scans.items())}
+    write_json_atomic(inputs, output / "predictions" / INPUTS_FILE)
     labels = folds[0].run.plan.labels
     names = write_json_atomic({"labels": labels}, output / "dataset.json")
     summary = evaluate_folders(
@@ -367,6 +373,9 @@ def postprocess_merge(
         jobs = [(p, tmp / p.name, steps) for p in files]
         for _ in parallel_map(_postprocess_file, jobs, workers, "postprocess", progress):
             pass
+        recorded = output / "predictions" / INPUTS_FILE
+        if recorded.is_file():
+            shutil.copyfile(recorded, tmp / INPUTS_FILE)
     after = evaluate_folders(
         target / "predictions",
         output / "references",

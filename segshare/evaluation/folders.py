@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from segshare.data.io import INPUTS_FILE, read_json
 from segshare.data.parallel import default_num_workers
 from segshare.evaluation.runner import (
     CaseMatch,
@@ -79,18 +80,37 @@ def _complete_cases(
     return labels
 
 
-def _write_report(summary: dict, output_dir: Path, images_dir: str | Path | None) -> None:
-    """``report.md``/``report.html`` with pictures (overlays when ``images_dir`` is given)."""
+def recorded_inputs(pred_dir: str | Path) -> dict[str, Path]:
+    """The scans ``segshare-predict`` recorded in a prediction folder (``inputs*.json``): case id
+    -> its first channel, for those that still exist."""
+    images = {}
+    for listing in sorted(Path(pred_dir).glob(INPUTS_FILE.replace(".json", "*.json"))):
+        try:
+            recorded = read_json(listing)
+        except ValueError:
+            continue  # a damaged record only costs the overlays
+        if isinstance(recorded, dict):
+            for case_id, paths in recorded.items():
+                if isinstance(paths, list) and paths and Path(str(paths[0])).is_file():
+                    images[case_id] = Path(str(paths[0]))
+    return images
+
+
+def _write_report(
+    summary: dict, output_dir: Path, images_dir: str | Path | None, pred_dir: Path
+) -> None:
+    """``report.md``/``report.html`` with pictures: overlays of the images in ``images_dir``, or
+    else of the scans recorded in ``pred_dir`` (:func:`recorded_inputs`), when there are any."""
     from segshare.evaluation.report import write_report  # matplotlib only when needed
 
-    images = None
+    cases = [c["case_id"] for c in summary["metric_per_case"]]
     if images_dir is not None:
         if not Path(images_dir).is_dir():
             raise FileNotFoundError(f"images folder not found: '{images_dir}'.")
-        images = {
-            c["case_id"]: find_image(Path(images_dir), c["case_id"])
-            for c in summary["metric_per_case"]
-        }
+        images = {c: find_image(Path(images_dir), c) for c in cases}
+    else:
+        recorded = recorded_inputs(pred_dir)
+        images = {c: recorded.get(c) for c in cases} if recorded else None
     write_report(summary, output_dir, images=images)
 
 
@@ -117,7 +137,8 @@ def evaluate_folders(
         ref_dir: folder of reference label maps; cases are matched by file name.
         output_dir: where ``summary.json``, ``metrics.csv``, ``report.md``/``.html`` go.
         labels: positive labels to score; default every nonzero label found in the references.
-        images_dir: optional images for the overlay montages of the report.
+        images_dir: images for the overlay montages of the report; default the scans
+            ``segshare-predict`` recorded in ``pred_dir`` (``inputs.json``), if any.
         nsd_tolerance_mm: normalised surface Dice tolerance (mm).
         hd95: ``"monai"`` (max of directed 95th percentiles) or ``"medpy"`` (pooled).
         num_workers: worker processes; default
@@ -173,5 +194,5 @@ def evaluate_folders(
     write_summary_json(summary, output_dir / "summary.json", strict=strict_json)
     write_metrics_csv(summary, output_dir / "metrics.csv")
     if report:
-        _write_report(summary, output_dir, images_dir)
+        _write_report(summary, output_dir, images_dir, Path(pred_dir))
     return summary

@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 
 from segshare.data.discovery import Case
-from segshare.data.io import atomic_target, save_nifti_atomic, write_json_atomic
+from segshare.data.io import INPUTS_FILE, atomic_target, save_nifti_atomic, write_json_atomic
 from segshare.data.preprocessing import Plan, preprocess_case, restore_to_original
 from segshare.data.validation import DEFAULT_MAX_VOXELS, check_geometry, open_headers
 from segshare.inference.sliding_window import WindowSettings
@@ -68,6 +68,12 @@ def select_shard(cases: Sequence[Case], index: int, count: int) -> list[Case]:
 def failures_file_name(index: int = 0, count: int = 1) -> str:
     """``failures.json``, or ``failures.shard-K-of-N.json`` when the batch is sharded."""
     return FAILURES_FILE if count == 1 else f"failures.shard-{index}-of-{count}.json"
+
+
+def inputs_file_name(failures_name: str) -> str:
+    """The list of input scans beside a failure list: ``inputs.json`` (or ``inputs.shard-...``),
+    which ``segshare-evaluate`` reads to find the images of its overlays."""
+    return INPUTS_FILE.removesuffix(".json") + failures_name.removeprefix("failures")
 
 
 def output_paths(output_dir: Path, case_id: str) -> tuple[Path, Path]:
@@ -306,7 +312,9 @@ def predict_cases(
     Reading/preprocessing of the next case and restoring/writing of the previous one run in
     background threads while the current case is computed. Existing outputs are skipped, so a
     re-run after a crash only does the missing cases. Failures (file and reason) are returned and
-    written to ``output_dir/failures_name`` (an empty list when none failed).
+    written to ``output_dir/failures_name`` (an empty list when none failed); the scans of the
+    cases to ``inputs.json`` beside it (:func:`inputs_file_name`), so that ``segshare-evaluate``
+    shows them under its overlays.
 
     Args:
         predictor: The configured :class:`Predictor`.
@@ -335,6 +343,8 @@ def predict_cases(
     _remove_stale_temporaries(out, [c.case_id for c in todo])
     _predict_overlapped(predictor, todo, out, save_probabilities, report, progress, postprocess)
     report.failed.sort(key=lambda f: f["case_id"])
+    inputs = {c.case_id: [str(Path(p).resolve()) for p in c.images] for c in cases}
+    write_json_atomic(inputs, out / inputs_file_name(failures_name))
     write_json_atomic(report.failed, out / failures_name)
     report.seconds = time.perf_counter() - start
     return report

@@ -128,7 +128,8 @@ def test_a_rerun_replaces_the_previous_merge(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "symlink_to", _no_links)  # a file system without links: copies
     summary = merge(runs, out)
     assert sorted(p.name for p in (out / "predictions").iterdir()) == [
-        f"{c}.nii.gz" for c in SHIFTS
+        *(f"{c}.nii.gz" for c in SHIFTS),
+        "inputs.json",  # the folds' recorded scans (none here), for the report's overlays
     ]
     assert not (out / "references" / "stale.nii.gz").exists()
     assert not any(p.is_symlink() for p in (out / "predictions").iterdir())

@@ -1,4 +1,5 @@
-"""segshare-predict postprocessing=FILE: the crossval's decision applied before writing."""
+"""What segshare-predict writes besides the labels: the crossval's postprocessing applied before
+writing (postprocessing=FILE), and the record of its inputs that gives evaluations overlays."""
 
 from __future__ import annotations
 
@@ -49,3 +50,27 @@ def test_a_bad_postprocessing_file_is_a_setup_error_naming_it(run_dir, tmp_path,
                       f"postprocessing={bad}")  # fmt: skip
     with pytest.raises(ValueError, match="pp.json"):
         run(cfg)
+
+
+def test_the_recorded_inputs_give_the_evaluation_report_overlays(run_dir, tmp_path, compose_cfg):
+    """segshare-predict records its scans (inputs.json); segshare-evaluate, given no images=,
+    finds them and draws the overlays of the worst, median and best cases."""
+    from segshare.evaluation import evaluate_folders
+    from segshare.predict import run
+
+    scans, refs = tmp_path / "scans", tmp_path / "refs"
+    refs.mkdir()
+    for i in range(3):
+        scans.mkdir(exist_ok=True)
+        scan = _two_blobs(tmp_path)
+        scan.rename(scans / f"case{i}.nii.gz")
+        ref = np.zeros((20, 20, 20), np.uint8)
+        ref[2 : 8 - i, 2:8, 2:8] = 1
+        nib.save(nib.Nifti1Image(ref, np.eye(4)), str(refs / f"case{i}.nii.gz"))
+    preds = tmp_path / "preds"
+    run(compose_cfg(f"model_path={run_dir}", f"input={scans}", f"output={preds}"))
+    recorded = json.loads((preds / "inputs.json").read_text())
+    assert recorded == {f"case{i}": [str((scans / f"case{i}.nii.gz").resolve())] for i in range(3)}
+    evaluate_folders(preds, refs, tmp_path / "eval", num_workers=1, progress=False)
+    assert (tmp_path / "eval" / "overlays.png").is_file()
+    assert "overlays.png" in (tmp_path / "eval" / "report.md").read_text()
