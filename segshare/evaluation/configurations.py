@@ -200,7 +200,29 @@ def find_best_configuration(
         "predict_command": command,
     }
     write_json_atomic(result, output / BEST_FILE)
+    _ranking_report(result, output)
     return result
+
+
+def _ranking_report(result: dict, output: Path) -> None:
+    """``report.md``/``report.html`` of the comparison: the ranking as a table and a bar plot."""
+    from segshare.data.io import write_text_atomic
+    from segshare.evaluation.plots import bar_plot
+    from segshare.evaluation.report import render_html, render_markdown
+
+    scores = {row["name"]: row["foreground_dice"] for row in result["ranking"]}
+    png = bar_plot(scores, "Cross-validation foreground-mean Dice per configuration")
+    rows = [[str(i), row["name"], f"{row['foreground_dice']:.4f}"]
+            for i, row in enumerate(result["ranking"], 1)]  # fmt: skip
+    blocks = [
+        ("h1", "Configurations by cross-validation"),
+        ("table", (["rank", "configuration", "foreground-mean Dice"], rows)),
+        ("image", ("configurations.png", "Dice per configuration and ensemble")),
+        ("p", f"Best: {result['best']['name']}. Predict with: {result['predict_command']}"),
+    ]
+    write_text_atomic(png, output / "configurations.png")
+    write_text_atomic(render_markdown(blocks), output / "report.md")
+    write_text_atomic(render_html(blocks, {"configurations": png}), output / "report.html")
 
 
 __all__ = ["BEST_FILE", "ENSEMBLES_DIR", "find_best_configuration"]

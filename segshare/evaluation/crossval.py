@@ -36,7 +36,11 @@ from segshare.data.io import (
     write_json_atomic,
 )
 from segshare.data.parallel import default_num_workers, parallel_map
-from segshare.evaluation.folders import evaluate_folders, recorded_inputs
+from segshare.evaluation.folders import (
+    evaluate_folders,
+    recorded_inputs,
+    write_evaluation_report,
+)
 from segshare.evaluation.metrics import aggregate_means
 from segshare.evaluation.postprocessing import (
     PostprocessingStep,
@@ -332,13 +336,27 @@ def merge_folds(
         num_workers=num_workers,
         dataset_json=names,
         progress=progress,
+        report=False,  # written with the per-fold plot below
     )
     results = fold_results(summary, folds)
+    _fold_report(summary, results, output)
     if postprocessing:
         scored = sorted(v for v in labels.values() if v != 0)
         results["postprocessing"] = postprocess_merge(output, scored, names, num_workers, progress)
     write_json_atomic(results, output / FOLDS_FILE)
     return {**summary, "folds": results}
+
+
+def _fold_report(summary: dict, results: dict, output: Path) -> None:
+    """The merge's report, with the foreground-mean Dice of every fold against all cases'."""
+    from segshare.evaluation.plots import bar_plot
+
+    per_fold = {f"fold {r['fold']}": r["foreground_dice"] for r in results["folds"]}
+    png = bar_plot(
+        per_fold, "Foreground-mean Dice per fold", results["foreground_dice"]["all_cases"]
+    )
+    extra = [("Dice per fold", "folds", png)]
+    write_evaluation_report(summary, output, None, output / "predictions", extra)
 
 
 def _postprocess_file(job: tuple[Path, Path, list[PostprocessingStep]]) -> None:

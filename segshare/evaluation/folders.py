@@ -96,11 +96,16 @@ def recorded_inputs(pred_dir: str | Path) -> dict[str, Path]:
     return images
 
 
-def _write_report(
-    summary: dict, output_dir: Path, images_dir: str | Path | None, pred_dir: Path
+def write_evaluation_report(
+    summary: dict,
+    output_dir: Path,
+    images_dir: str | Path | None,
+    pred_dir: Path,
+    extra: Sequence[tuple[str, str, bytes]] = (),
 ) -> None:
     """``report.md``/``report.html`` with pictures: overlays of the images in ``images_dir``, or
-    else of the scans recorded in ``pred_dir`` (:func:`recorded_inputs`), when there are any."""
+    else of the scans recorded in ``pred_dir`` (:func:`recorded_inputs`), when there are any;
+    ``extra`` pictures as :func:`segshare.evaluation.report.write_report` takes them."""
     from segshare.evaluation.report import write_report  # matplotlib only when needed
 
     cases = [c["case_id"] for c in summary["metric_per_case"]]
@@ -111,7 +116,7 @@ def _write_report(
     else:
         recorded = recorded_inputs(pred_dir)
         images = {c: recorded.get(c) for c in cases} if recorded else None
-    write_report(summary, output_dir, images=images)
+    write_report(summary, output_dir, images=images, extra=extra)
 
 
 def evaluate_folders(
@@ -194,5 +199,5 @@ def evaluate_folders(
     write_summary_json(summary, output_dir / "summary.json", strict=strict_json)
     write_metrics_csv(summary, output_dir / "metrics.csv")
     if report:
-        _write_report(summary, output_dir, images_dir, Path(pred_dir))
+        write_evaluation_report(summary, output_dir, images_dir, Path(pred_dir))
     return summary

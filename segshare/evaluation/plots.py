@@ -55,6 +55,32 @@ def box_plots(
     return _png(fig)
 
 
+def bar_plot(values: dict[str, float], title: str, reference: float | None = None) -> bytes:
+    """One bar per entry (e.g. the foreground-mean Dice per fold or per configuration), its value
+    written above it, and an optional dashed line (e.g. the Dice over all cases).
+
+    Returns:
+        PNG bytes.
+    """
+    names = list(values)
+    heights = [float(values[n]) for n in names]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 2), 3.5))
+    bars = ax.bar(range(len(names)), np.nan_to_num(heights, nan=0.0), color="#4c72b0")
+    for bar, h in zip(bars, heights, strict=True):
+        ax.annotate("NaN" if np.isnan(h) else f"{h:.4f}", (bar.get_x() + bar.get_width() / 2,
+                    np.nan_to_num(h)), ha="center", va="bottom", fontsize=8)  # fmt: skip
+    if reference is not None and np.isfinite(reference):
+        ax.axhline(reference, color="#c44e52", ls="--", lw=1, label=f"all cases {reference:.4f}")
+        ax.legend(loc="lower right", fontsize=8)
+    finite = [h for h in heights if np.isfinite(h)] or [0.0]
+    ax.set_ylim(max(0.0, min(finite) - 0.1), min(1.0, max(finite) + 0.05))
+    ax.set_xticks(range(len(names)), names, rotation=20 if len(names) > 4 else 0)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _canonical(path: Path, is_label: bool) -> tuple[np.ndarray, tuple[float, ...]]:
     """A volume on its closest canonical (RAS) grid (first channel of a 4D one) and its spacing,
     as ``nib.as_closest_canonical`` would give."""

@@ -236,6 +236,7 @@ def write_report(
     output_dir: Path,
     images: dict[str, Path | None] | None = None,
     title: str = "Segmentation evaluation report",
+    extra: Sequence[tuple[str, str, bytes]] = (),
 ) -> dict[str, Path]:
     """Writes ``report.md``, ``report.html`` and their PNGs into ``output_dir``.
 
@@ -245,6 +246,8 @@ def write_report(
         images: ``{case_id: image path or None}``; when given, an overlay montage of the worst,
             median and best case is added.
         title: report title.
+        extra: ``(heading, name, png)`` pictures added after the overview (e.g. the Dice per
+            fold of a cross-validation), written as ``<name>.png``.
 
     Returns:
         ``{"report.md": path, "report.html": path, ...png paths}``.
@@ -276,6 +279,11 @@ def write_report(
                 rows, {int(k): f"{k} ({n})" for k, n in names.items()}
             )
     blocks = build_blocks(summary, pictures, title)
+    at = len(_overview_blocks(summary, title))
+    for heading, name, png in extra:
+        pictures[name] = png
+        blocks[at:at] = [("h2", heading), ("image", (f"{name}.png", heading))]
+        at += 2
     written = {}
     for name, png in pictures.items():
         written[f"{name}.png"] = output_dir / f"{name}.png"

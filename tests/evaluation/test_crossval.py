@@ -93,6 +93,7 @@ def test_merge_scores_every_case_once(runs, tmp_path):
     assert on_disk["labels"] == {"1": "bright"}
     for name in ("metrics.csv", "report.md", "report.html", "folds.json", "dataset.json"):
         assert (out / name).is_file(), name
+    assert (out / "folds.png").is_file() and "## Dice per fold" in (out / "report.md").read_text()
     pred = out / "predictions" / "case_3.nii.gz"
     assert pred.is_symlink() and pred.resolve() == (runs[0] / "validation/predictions" / pred.name)
     ref = out / "references" / "case_3.nii.gz"
@@ -330,6 +331,8 @@ def test_the_app_compares_configurations_given_as_runs_by_config(tmp_path):
     names = sorted(row["name"] for row in best["ranking"])
     assert names == ["none", "none+stage", "stage"]  # equal labels: every candidate ties
     assert (tmp_path / "cmp" / "best_configuration.json").is_file()
+    assert (tmp_path / "cmp" / "configurations.png").is_file()
+    assert "none+stage" in (tmp_path / "cmp" / "report.html").read_text()
     text = format_ranking(best, str(tmp_path / "cmp"))
     assert "predict with: segshare-predict model_path=[" in text
     with pytest.raises(ValueError, match="not both"):
