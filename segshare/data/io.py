@@ -1,17 +1,27 @@
-"""NIfTI, NumPy, JSON and text input/output with clear errors and atomic writes.
+"""NIfTI, NumPy, JSON and text input/output with clear errors, atomic writes, file signatures.
 
 Every writer here writes to a temporary name in the destination folder and then
 ``os.replace``-s it into place (:func:`atomic_target`; a whole folder: :func:`atomic_folder`),
-so an interrupted run never leaves a half-written file under the final name.
+so an interrupted run never leaves a half-written file under the final name. The data is
+fsync-ed before the rename and the folder after it, so a power loss leaves the old file or the
+new one, never a renamed but empty one. Outputs get the mode the user's umask gives any new file
+(``0644`` under umask ``022``), not ``mkstemp``'s ``0600``. Temporaries are named
+``.<name>.<random>.tmp<suffix>`` (:data:`TEMPORARY_GLOB`), so a killed run's leftovers can be
+found and removed (:func:`remove_temporaries`).
+
+:func:`file_signature` is what caches and skipped validations compare to tell whether a source
+file changed.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
+import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +35,11 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: In a folder of predictions: ``{case_id: [scan paths]}`` of the scans they were made from
 #: (``segshare-predict`` writes it, one per shard; the evaluation reads it for its overlays).
 INPUTS_FILE = "inputs.json"
+#: The names of :func:`atomic_target`'s temporaries (``.<name>.<random>.tmp<suffix>``).
+TEMPORARY_GLOB = ".*.tmp*"
+#: :func:`file_signature` hashes a file whole up to twice this size, else its first and last
+#: this many bytes.
+SIGNATURE_HASH_BYTES = 2**20
 
 
 class NiftiReadError(ValueError):
@@ -154,19 +169,104 @@ def read_label_map(path: str | os.PathLike) -> tuple[np.ndarray, nib.Nifti1Image
     return array, img
 
 
+def file_signature(path: str | os.PathLike) -> list[int | str] | None:
+    """What identifies a file's content, cheaply: ``[size, mtime_ns, sha256 hex]``.
+
+    The hash covers the whole file when it is at most 2 MiB (``2 *``
+    :data:`SIGNATURE_HASH_BYTES`: label maps, most compressed scans), else its first and last MiB,
+    so a signature reads at most 2 MiB whatever the file's size. Size and mtime catch ordinary
+    edits; the hash catches a same-size rewrite whose mtime was kept (``cp -p``, ``rsync -a``,
+    ``touch -r``). For a ``.nii.gz`` the last bytes are gzip's CRC-32 and length of the whole
+    uncompressed stream, so any change of its voxels changes the signature. Not caught: an
+    uncompressed ``.nii`` over 2 MiB changed only in its middle, at the same size, with its old
+    mtime restored.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The signature (JSON-serialisable), or None when the file cannot be read.
+    """
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            digest = hashlib.sha256()
+            if st.st_size <= 2 * SIGNATURE_HASH_BYTES:
+                digest.update(fh.read())
+            else:
+                digest.update(fh.read(SIGNATURE_HASH_BYTES))
+                fh.seek(-SIGNATURE_HASH_BYTES, os.SEEK_END)
+                digest.update(fh.read(SIGNATURE_HASH_BYTES))
+    except OSError:
+        return None
+    return [int(st.st_size), int(st.st_mtime_ns), digest.hexdigest()]
+
+
+def _create_temporary(path: Path, suffix: str) -> Path:
+    """Create an empty ``.<name>.<random>.tmp<suffix>`` beside ``path`` with the umask's mode
+    (``os.open(..., 0o666)``; ``tempfile.mkstemp`` would make it ``0600``)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{suffix}")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:  # pragma: no cover - 1 in 4 billion
+            continue
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a folder's entries, to disk (``os.fsync``).
+
+    A folder on a file system that cannot fsync folders (``EINVAL``: some network and FUSE file
+    systems) is skipped; a file's fsync error (``EIO``: the data did not reach the disk) raises.
+    """
+    is_dir = Path(path).is_dir()
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_dir else 0))
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if not is_dir or err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_target(path: Path, suffix: str) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it onto ``path`` on success, delete on error."""
+    """Yield a temporary path beside ``path``; move it onto ``path`` on success, delete on error.
+
+    The temporary (``.<name>.<random>.tmp<suffix>``, mode from the umask) exists, empty, when the
+    body starts; the body writes it (closing every handle). Then its data is fsync-ed, it is
+    renamed onto ``path`` and the folder is fsync-ed, so after a power loss ``path`` holds the old
+    content or the whole new one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_temporary(path, suffix)
     try:
         yield tmp_path
+        fsync_path(tmp_path)
         os.replace(tmp_path, path)
+        fsync_path(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries a killed writer left directly in ``folder`` (:data:`TEMPORARY_GLOB`).
+
+    Only safe while no other process writes into ``folder`` (callers hold its lock).
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    for tmp in Path(folder).glob(TEMPORARY_GLOB):
+        if tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
@@ -196,10 +296,11 @@ def save_npy_atomic(array: np.ndarray, path: str | os.PathLike) -> Path:
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; swap it into place on success.
 
-    On success every file in it is fsync-ed, the folder at ``path`` (if any) is moved to
+    On success every file and folder in it is fsync-ed, the folder at ``path`` (if any) is moved to
     ``<name>.old``, the new one is renamed to ``path`` and only then is ``.old`` deleted: a process
     killed at any moment leaves a whole folder at ``path`` or at ``<name>.old`` (readers look
-    there too). When the body raises, the temporary folder is deleted and ``path`` is untouched.
+    there too); the parent folder is fsync-ed after the swap. When the body raises, the temporary
+    folder is deleted and ``path`` is untouched.
     The temporary name is fixed (``<name>.tmp``, cleared first) so that a killed writer's leftover
     is reused, not accumulated; one writer per ``path`` at a time.
     """
@@ -211,12 +312,15 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         for file in (f for f in tmp.rglob("*") if f.is_file()):  # data on disk before the swap
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_path(file)
+        for folder in sorted((d for d in tmp.rglob("*") if d.is_dir()), reverse=True):
+            fsync_path(folder)  # the entries of subfolders, then of the folder itself
+        fsync_path(tmp)
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
+        fsync_path(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
