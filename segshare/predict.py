@@ -7,14 +7,18 @@
         hydra/launcher=joblib
 
 ``run(cfg)`` is the testable function; ``main()`` is the thin Hydra entry point. Exit status: 0 when
-every case was predicted (or already existed), 1 when any case failed (all good cases are still
-written; the failures are listed and saved in ``output/failures.json``), 2 on a setup error
-(bad ``model_path``, ``input`` or option).
+every case was predicted (or already existed, or is being predicted by another run into the same
+folder), 1 when any case failed (all good cases are still written; the failures are printed, then
+saved in ``output/failures.json``) or that list could not be written (a full disk), 2 on a setup
+error (bad ``model_path``, ``input`` or option, two scans of one case id, an output folder that
+cannot be made).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -22,15 +26,19 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from segshare.cli import exit_on_user_error
+from segshare.cli import USER_ERRORS, exit_on_user_error
 from segshare.inference.predictor import PredictReport
 
 
-def run(cfg: DictConfig) -> PredictReport:
+def run(
+    cfg: DictConfig, on_finished: Callable[[PredictReport], None] | None = None
+) -> PredictReport:
     """Predict every case of ``cfg.input`` (this shard's share) into ``cfg.output``.
 
     Args:
         cfg: A composed ``predict.yaml`` config.
+        on_finished: called with the report when every case is done, before the failure list is
+            written (see :func:`segshare.inference.predictor.predict_cases`).
 
     Returns:
         The :class:`~segshare.inference.predictor.PredictReport` (written, skipped, failed).
@@ -65,7 +73,7 @@ def run(cfg: DictConfig) -> PredictReport:
         postprocess = partial(apply_postprocessing, steps=steps)
     cases = select_shard(discover_images(cfg.input, runs[0].in_channels), index, count)
     output = Path(cfg.output).resolve()
-    if any(p.resolve().parent == output for c in cases for p in c.images):
+    if any(Path(os.path.realpath(p)).parent == output for c in cases for p in c.images):
         raise ValueError(
             f"output={cfg.output!r} is the folder of the input scans: predictions named like the "
             f"scans would be taken for finished outputs. Choose another output folder."
@@ -82,18 +90,24 @@ def run(cfg: DictConfig) -> PredictReport:
         failures_name=failures_file_name(int(index), int(count)),
         progress=bool(cfg.inference.progress),
         postprocess=postprocess,
+        on_finished=on_finished,
     )
 
 
 def format_report(report: PredictReport, output: str) -> str:
     """A short human summary of a batch, listing every failure with its file and reason."""
+    busy = f", {len(report.busy)} being predicted by another run" if report.busy else ""
     lines = [
         f"segshare-predict: {len(report.written)} written, {len(report.skipped)} already there "
-        f"(skipped), {len(report.failed)} failed in {report.seconds:.1f} s -> {output}"
+        f"(skipped){busy}, {len(report.failed)} failed in {report.seconds:.1f} s -> {output}"
     ]
     for f in report.failed:
         lines.append(f"  FAILED {f['case_id']}: {f['reason']}")
     return "\n".join(lines)
+
+
+def _print_report(report: PredictReport, output: str) -> None:
+    print(format_report(report, output), file=sys.stderr if report.failed else sys.stdout)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://segshare.conf", config_name="predict")
@@ -102,11 +116,14 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    with exit_on_user_error("segshare-predict"):
-        report = run(cfg)
-    print(format_report(report, str(cfg.output)), file=sys.stderr if report.failed else sys.stdout)
+    # a folder or model that cannot be read or made (OSError) is a setup error too
+    with exit_on_user_error("segshare-predict", [((*USER_ERRORS, OSError), 2)]):
+        report = run(cfg, on_finished=lambda r: _print_report(r, str(cfg.output)))
+    for line in report.not_written:
+        print(f"segshare-predict: error: {line}", file=sys.stderr)
     # In a multirun the other shards go on; FailuresCallback sets the exit status at the end.
-    if report.failed and HydraConfig.get().mode != RunMode.MULTIRUN:
+    failed = report.failed or report.not_written
+    if failed and HydraConfig.get().mode != RunMode.MULTIRUN:
         raise SystemExit(1)
 
 

@@ -15,9 +15,12 @@ together with everything else.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -66,6 +69,60 @@ class Dataset:
 
 def _nifti_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_path(p.name))
+
+
+def _nifti_entries(folder: Path) -> list[Path]:
+    """Every entry of ``folder`` with a NIfTI name, whatever it is (see :func:`not_a_file`)."""
+    return sorted(p for p in folder.iterdir() if is_nifti_path(p.name))
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why an entry with a NIfTI name cannot be read as a file (``None``: it is a regular file,
+    or a symbolic link to one): a dangling link, a link loop, a folder, a device or pipe."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if path.is_symlink():
+            return f"a dangling symbolic link (its target '{os.readlink(path)}' does not exist)"
+        return f"unreadable ({err.strerror})"
+    if stat.S_ISDIR(mode):
+        return "a folder, not a NIfTI file"
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def check_unique_case_files(files: Sequence[Path], folder: str | os.PathLike) -> None:
+    """Refuse two files of one case id (``x.nii`` and ``x.nii.gz``): one would silently win.
+
+    Raises:
+        ValueError: naming ``folder``, each such case id and both files (one line).
+    """
+    by_stem: dict[str, list[str]] = {}
+    for path in files:
+        by_stem.setdefault(strip_nifti_suffix(Path(path).name), []).append(Path(path).name)
+    twice = {stem: names for stem, names in sorted(by_stem.items()) if len(names) > 1}
+    if twice:
+        listed = "; ".join(f"{stem!r}: {', '.join(names)}" for stem, names in twice.items())
+        raise ValueError(
+            f"{folder}: more than one file for one case id ({listed}); one would overwrite or "
+            f"hide the other: remove or rename one."
+        )
+
+
+def _mark_broken(cases: list[Case], entries: Sequence[Path]) -> list[Case]:
+    """Give each case holding an entry that is not a file (:func:`not_a_file`) a problem."""
+    broken = {p: why for p in entries if (why := not_a_file(p)) is not None}
+    if not broken:
+        return cases
+    out = []
+    for case in cases:
+        reasons = [f"{p.name} is {broken[p]}" for p in case.images if p in broken]
+        if reasons:
+            problem = "; ".join([*reasons, *([case.problem] if case.problem else [])])
+            case = replace(case, problem=problem)
+        out.append(case)
+    return out
 
 
 def _group_channels(
@@ -129,7 +186,11 @@ def discover_images(path: str | os.PathLike, in_channels: int | None = None) -> 
         Cases without labels, sorted by ``case_id``.
 
     Raises:
-        ValueError: the path does not exist, or holds no NIfTI file.
+        ValueError: the path does not exist, holds no NIfTI file, or holds two files of one
+            case id (``x.nii`` and ``x.nii.gz``: :func:`check_unique_case_files`).
+
+    An entry with a NIfTI name that is not a file (a dangling link, a link loop, a folder) is
+    kept, its case with a :attr:`Case.problem` saying so: prediction lists it as a failure.
     """
     path = Path(path)
     if not path.exists():
@@ -142,10 +203,11 @@ def discover_images(path: str | os.PathLike, in_channels: int | None = None) -> 
         if (path / sub).is_dir():
             path = path / sub
             break
-    files = _nifti_files(path)
-    if not files:
+    entries = _nifti_entries(path)
+    if not entries:
         raise ValueError(f"{path}: no .nii or .nii.gz files found")
-    return _group_channels(files, in_channels)
+    check_unique_case_files(entries, path)
+    return _mark_broken(_group_channels(entries, in_channels), entries)
 
 
 def parse_labels(
@@ -189,6 +251,19 @@ def _labels_from_json(meta: dict, problems: list[tuple[str, str]], where: str) -
     return parse_labels(meta.get("labels", {}), where, problems)
 
 
+def _channels_from_json(meta: dict, problems: list[tuple[str, str]], where: str) -> dict | None:
+    """``channel_names`` (nnU-Net) or ``modality`` (MSD): ``None`` when absent, empty or not a
+    mapping (then a problem names the key)."""
+    key = "channel_names" if meta.get("channel_names") else "modality"
+    channels = meta.get(key)
+    if channels is not None and not isinstance(channels, dict):
+        example = '{"0": "CT"}'
+        message = f"{key!r} must be a mapping of channel index to name (e.g. {example})"
+        problems.append((where, f"{message}, got {channels!r}"))
+        return None
+    return channels or None
+
+
 def is_inside(root: Path, path: Path) -> bool:
     """Whether ``path`` lies inside ``root`` once ``..`` is collapsed (lexically: a dataset
     folder made of symbolic links to files elsewhere stays valid)."""
@@ -204,6 +279,17 @@ def _msd_cases(root: Path, meta: dict, problems: list[tuple[str, str]]) -> list[
     for i, entry in enumerate(meta["training"]):
         if not isinstance(entry, dict) or "image" not in entry:
             problems.append((json_path, f"training[{i}] has no 'image': {entry!r}"))
+            continue
+        bad = [
+            key
+            for key in ("image", "label")
+            if entry.get(key) is not None and not isinstance(entry[key], str)
+        ]
+        for key in bad:
+            problems.append(
+                (json_path, f"training[{i}][{key!r}] must be a path (a string), got {entry[key]!r}")
+            )
+        if bad:
             continue
         image = root / entry["image"]
         label = root / entry["label"] if entry.get("label") else None
@@ -227,9 +313,19 @@ def _paired_cases(
     root: Path, img_dir: Path, lbl_dir: Path, problems: list, in_channels: int | None
 ) -> list[Case]:
     """nnU-Net raw / plain pair: images grouped by channel suffix, labels matched by case id."""
-    label_files = (
-        {strip_nifti_suffix(p.name): p for p in _nifti_files(lbl_dir)} if lbl_dir.is_dir() else {}
-    )
+    label_list = _nifti_files(lbl_dir) if lbl_dir.is_dir() else []
+    label_files: dict[str, Path] = {}
+    for path in label_list:
+        cid = strip_nifti_suffix(path.name)
+        if cid in label_files:
+            problems.append(
+                (str(path), f"second label file for case {cid!r} (also {label_files[cid].name})")
+            )
+        label_files.setdefault(cid, path)
+    for folder in (img_dir, lbl_dir) if lbl_dir.is_dir() else (img_dir,):
+        for entry in _nifti_entries(folder):
+            if (why := not_a_file(entry)) is not None:
+                problems.append((str(entry), f"{why}; not read"))
     cases = _group_channels(_nifti_files(img_dir), in_channels, set(label_files))
     out = []
     for case in cases:
@@ -273,11 +369,13 @@ def discover_dataset(root: str | os.PathLike) -> Dataset:
             problems.append((str(json_path), str(err).removeprefix(f"{json_path}: ")))
             meta = {}
     labels = _labels_from_json(meta, problems, str(json_path))
-    channels = meta.get("channel_names") or meta.get("modality")
-    in_channels = len(channels) if isinstance(channels, dict) and channels else None
-    channels = channels or {"0": "image"}
-    channel_names = {str(k): str(v) for k, v in channels.items()}
+    channels = _channels_from_json(meta, problems, str(json_path))
+    in_channels = len(channels) if channels else None
+    channel_names = {str(k): str(v) for k, v in (channels or {"0": "image"}).items()}
     file_ending = meta.get("file_ending", ".nii.gz")
+    if not isinstance(file_ending, str):
+        problems.append((str(json_path), f"'file_ending' must be a string, got {file_ending!r}"))
+        file_ending = ".nii.gz"
     if isinstance(meta.get("training"), list):
         cases = _msd_cases(root, meta, problems)
     else:
@@ -289,9 +387,11 @@ def discover_dataset(root: str | os.PathLike) -> Dataset:
             )
         cases = _paired_cases(root, *pair, problems, in_channels)
     cases.sort(key=lambda c: c.case_id)
-    seen: set[str] = set()
+    seen: dict[str, Path] = {}
     for c in cases:
         if c.case_id in seen:
-            problems.append((str(c.images[0]), f"duplicate case id {c.case_id!r}"))
-        seen.add(c.case_id)
+            problems.append(
+                (str(c.images[0]), f"duplicate case id {c.case_id!r} (also {seen[c.case_id]})")
+            )
+        seen.setdefault(c.case_id, c.images[0])
     return Dataset(root, cases, labels, channel_names, file_ending, problems)

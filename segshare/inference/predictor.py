@@ -9,16 +9,24 @@ Output per case (atomic: temporary name in the same folder, then ``os.replace``)
 otherwise copied) and, with ``save_probabilities``, ``<case>.npz`` holding ``probabilities``
 ``(I, J, K, num_classes)`` float32 on the same voxel grid.
 
-Non-finite voxels: a scan with NaN or Inf voxels is **refused** (listed as a failure): silently
-replacing them would hide a broken conversion, and the value to use is the user's call.
+Non-finite voxels: a scan with NaN or Inf voxels is **refused** (listed as a failure, with the
+count of non-finite voxels in the scan file): silently replacing them would hide a broken
+conversion, and the value to use is the user's call.
+
+Concurrent runs into one folder: a case is claimed before it is read with an exclusive lock file
+``.<case>.lock`` (:class:`CaseClaims`), so two runs never compute the same case; the lock is
+removed once the case is written (or failed), and a killed run's lock is taken over.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +36,13 @@ import nibabel as nib
 import numpy as np
 
 from segshare.data.discovery import Case
-from segshare.data.io import INPUTS_FILE, atomic_target, save_nifti_atomic, write_json_atomic
+from segshare.data.io import (
+    INPUTS_FILE,
+    atomic_target,
+    read_voxels,
+    save_nifti_atomic,
+    write_json_atomic,
+)
 from segshare.data.preprocessing import Plan, preprocess_case, restore_to_original
 from segshare.data.validation import DEFAULT_MAX_VOXELS, check_geometry, open_headers
 from segshare.inference.sliding_window import WindowSettings
@@ -41,12 +55,16 @@ NIFTI_INTENT_LABEL = 1002
 
 @dataclass
 class PredictReport:
-    """What a batch did: case ids written and skipped, and one dict per failure."""
+    """What a batch did: case ids written, skipped (output already there) and busy (being
+    predicted by another run), one dict per failure, and the record files (failure list, inputs)
+    that could not be written, each ``"<path>: <reason>"``."""
 
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    busy: list[str] = field(default_factory=list)
+    not_written: list[str] = field(default_factory=list)
 
 
 def select_shard(cases: Sequence[Case], index: int, count: int) -> list[Case]:
@@ -140,6 +158,28 @@ def label_nifti(labels: np.ndarray, source: nib.Nifti1Image) -> nib.Nifti1Image:
     return img
 
 
+def non_finite_message(opened: Sequence[tuple[Path, str, nib.Nifti1Image]]) -> str:
+    """Why a case whose preprocessed image is not finite is refused: the NaN/Inf voxels counted
+    in each scan file as stored (one NaN spreads over the whole image once normalised).
+
+    Args:
+        opened: ``(path, kind, image)`` of the case's files (``open_headers``).
+    """
+    counts = []
+    for path, _, img in opened:
+        raw = read_voxels(img, path)
+        n = int(raw.size - np.count_nonzero(np.isfinite(raw)))
+        if n:
+            counts.append(f"{path}: {n} non-finite voxel{'' if n == 1 else 's'} (NaN or Inf)")
+    if not counts:
+        names = ", ".join(str(path) for path, _, _ in opened)
+        return f"{names}: preprocessing made a finite scan non-finite (NaN or Inf); refused."
+    return (
+        "; ".join(counts) + " in the scan; refused. Replace them (e.g. with the background "
+        "value) and re-run."
+    )
+
+
 class Predictor:
     """Predicts cases with one model and its preprocessing plan.
 
@@ -184,14 +224,8 @@ class Predictor:
             raise ValueError("; ".join(str(p) for p in problems))
         source = opened[0][2]
         image, _, props = preprocess_case(case.images, None, self.plan)
-        bad = int(image.size - np.count_nonzero(np.isfinite(image)))
-        if bad:
-            names = ", ".join(str(p) for p in case.images)
-            raise ValueError(
-                f"{names}: the scan holds NaN or Inf voxels ({bad} non-finite voxels after "
-                f"preprocessing); refused. Replace them (e.g. with the background value) and "
-                f"re-run."
-            )
+        if not np.isfinite(image).all():
+            raise ValueError(non_finite_message(opened))
         return image, props, source
 
     def predict_array(self, image: np.ndarray) -> np.ndarray:
@@ -233,12 +267,154 @@ class Predictor:
         return save_nifti_atomic(label_nifti(labels, source), nii_path)
 
 
-def _remove_stale_temporaries(output_dir: Path, case_ids: Sequence[str]) -> None:
-    """Delete temporary files a killed run left for these cases (other shards' are untouched)."""
-    for case_id in case_ids:
-        for pattern in (f".{case_id}.nii.gz.*", f".{case_id}.npz.*"):
-            for tmp in output_dir.glob(pattern):
-                tmp.unlink(missing_ok=True)
+HOST = socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # someone else's process (or not a pid at all)
+    return True
+
+
+class CaseClaims:
+    """Exclusive claims on the cases of an output folder, so that concurrent runs into one folder
+    compute each case once.
+
+    A claim is the file ``.<case>.lock`` created with ``O_CREAT | O_EXCL`` (atomic, also on NFS),
+    holding ``{"pid", "host", "started"}``. While held, its modification time is refreshed every
+    ``stale_after / 4`` seconds (at most every minute). A lock is taken over when its holder is
+    gone: on this host, its pid is dead; anywhere, it was not refreshed for ``stale_after``
+    seconds. Use as a context manager: the claims still held are released on exit.
+
+    Args:
+        folder: the output folder.
+        stale_after: seconds without a refresh after which a lock counts as abandoned.
+    """
+
+    def __init__(self, folder: Path, stale_after: float = 600.0):
+        if not float(stale_after) > 0:
+            raise ValueError(f"stale_after must be > 0 seconds, got {stale_after!r}.")
+        self.folder, self.stale_after = Path(folder), float(stale_after)
+        self._held: set[Path] = set()
+        self._mutex = threading.Lock()
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+
+    def path(self, case_id: str) -> Path:
+        """The lock file of ``case_id``."""
+        return self.folder / f".{case_id}.lock"
+
+    def claim(self, case_id: str) -> bool:
+        """Claim ``case_id``; False when another live run holds it."""
+        path = self.path(case_id)
+        for _ in range(3):  # a lock released or taken over meanwhile: try again
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._abandoned(path):
+                    return False
+                path.unlink(missing_ok=True)  # taken over
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"pid": os.getpid(), "host": HOST, "started": time.time()}, fh)
+            with self._mutex:
+                self._held.add(path)
+            self._start_refreshing()
+            return True
+        return False
+
+    def release(self, case_id: str) -> None:
+        """Remove the lock of ``case_id`` (when this object holds it)."""
+        path = self.path(case_id)
+        with self._mutex:
+            held = path in self._held
+            self._held.discard(path)
+        if held:
+            path.unlink(missing_ok=True)
+
+    def _abandoned(self, path: Path) -> bool:
+        try:
+            age = time.time() - path.stat().st_mtime
+            holder = json.loads(path.read_text() or "{}")
+        except FileNotFoundError:
+            return True  # released meanwhile
+        except (OSError, ValueError):
+            holder = {}  # being written, or damaged: judged by its age
+        if age > self.stale_after:
+            return True
+        pid = holder.get("pid") if isinstance(holder, dict) else None
+        same_host = isinstance(holder, dict) and holder.get("host") == HOST
+        return same_host and isinstance(pid, int) and not _pid_alive(pid)
+
+    def _start_refreshing(self) -> None:
+        with self._mutex:
+            if self._refresher is not None:
+                return
+            self._refresher = threading.Thread(target=self._refresh, daemon=True)
+        self._refresher.start()
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(min(60.0, self.stale_after / 4)):
+            with self._mutex:
+                held = list(self._held)
+            for path in held:
+                try:
+                    os.utime(path)
+                except OSError:
+                    pass  # released meanwhile, or the folder is unreachable: nothing to refresh
+
+    def __enter__(self) -> CaseClaims:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        with self._mutex:
+            held, self._held = list(self._held), set()
+        for path in held:
+            path.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(output_dir: Path, case_id: str) -> None:
+    """Delete the temporary files a killed run left for a case (called by its claim's holder)."""
+    for prefix in (f".{case_id}.nii.gz.", f".{case_id}.npz."):
+        for tmp in output_dir.glob(glob.escape(prefix) + "*"):
+            tmp.unlink(missing_ok=True)
+
+
+def _is_done(out: Path, case: Case, save_probabilities: bool) -> bool:
+    """Whether the outputs of ``case`` exist (never for a case whose input is broken)."""
+    nii, npz = output_paths(out, case.case_id)
+    return not case.problem and nii.exists() and (npz.exists() or not save_probabilities)
+
+
+def _claimed(
+    todo: Sequence[Case],
+    out: Path,
+    claims: CaseClaims,
+    report: PredictReport,
+    skip_existing: bool,
+    save_probabilities: bool,
+    bar,
+) -> Iterator[Case]:
+    """The cases of ``todo`` this run claims, one at a time (claimed just before they are read);
+    the others go to ``report.busy`` (claimed elsewhere) or ``report.skipped`` (finished
+    elsewhere meanwhile)."""
+    for case in todo:
+        if not claims.claim(case.case_id):
+            report.busy.append(case.case_id)
+        elif skip_existing and _is_done(out, case, save_probabilities):
+            claims.release(case.case_id)
+            report.skipped.append(case.case_id)
+        else:
+            _remove_stale_temporaries(out, case.case_id)
+            yield case
+            continue
+        bar.update(1)
 
 
 def _predict_overlapped(
@@ -248,10 +424,13 @@ def _predict_overlapped(
     save_probabilities: bool,
     report: PredictReport,
     progress: bool,
+    claims: CaseClaims,
+    skip_existing: bool,
     postprocess: LabelFn | None = None,
 ) -> None:
     """Predict ``todo`` into ``out``, reading the next case and writing the last one in background
-    threads; each case's outcome goes into ``report`` (a failure never stops the others)."""
+    threads; each case's outcome goes into ``report`` (a failure never stops the others). Each
+    case is claimed (``claims``) before it is read and released once written or failed."""
     from tqdm.auto import tqdm
 
     lock = threading.Lock()
@@ -271,28 +450,33 @@ def _predict_overlapped(
                 report.written.append(case.case_id)
         except Exception as err:  # noqa: BLE001 - reported per case
             fail(case, err)
+        finally:
+            claims.release(case.case_id)
 
     bar = tqdm(total=len(todo), desc="cases", unit="case", disable=not progress)
+    cases = _claimed(todo, out, claims, report, skip_existing, save_probabilities, bar)
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        loads = [reader.submit(predictor.load, todo[0])] if todo else []
+        case = next(cases, None)
+        load = reader.submit(predictor.load, case) if case is not None else None
         last_write: Future | None = None
-        for i, case in enumerate(todo):
-            if i + 1 < len(todo):
-                loads.append(reader.submit(predictor.load, todo[i + 1]))
+        while case is not None:
+            following = next(cases, None)  # claimed now, read while this one is predicted
+            next_load = reader.submit(predictor.load, following) if following else None
             try:
-                image, props, source = loads[i].result()
-                loads[i] = None  # drop the reference: the image is freed after prediction
+                image, props, source = load.result()
+                load = None  # drop the reference: the image is freed after prediction
                 probs = predictor.predict_array(image)
                 del image
             except Exception as err:  # noqa: BLE001 - reported per case
                 fail(case, err)
-                bar.update(1)
-                continue
-            if last_write is not None:
-                last_write.result()  # at most one case waits in memory to be written
-            last_write = writer.submit(write, case, probs, props, source)
-            del probs
+                claims.release(case.case_id)
+            else:
+                if last_write is not None:
+                    last_write.result()  # at most one case waits in memory to be written
+                last_write = writer.submit(write, case, probs, props, source)
+                del probs
             bar.update(1)
+            case, load = following, next_load
     bar.close()
 
 
@@ -306,25 +490,34 @@ def predict_cases(
     failures_name: str = FAILURES_FILE,
     progress: bool = True,
     postprocess: LabelFn | None = None,
+    on_finished: Callable[[PredictReport], None] | None = None,
+    lock_stale_seconds: float = 600.0,
 ) -> PredictReport:
     """Predict every case into ``output_dir``; one bad case never stops the others.
 
     Reading/preprocessing of the next case and restoring/writing of the previous one run in
     background threads while the current case is computed. Existing outputs are skipped, so a
-    re-run after a crash only does the missing cases. Failures (file and reason) are returned and
-    written to ``output_dir/failures_name`` (an empty list when none failed); the scans of the
-    cases to ``inputs.json`` beside it (:func:`inputs_file_name`), so that ``segshare-evaluate``
-    shows them under its overlays.
+    re-run after a crash only does the missing cases. A case is claimed with a lock file before
+    it is read (:class:`CaseClaims`), so concurrent runs into one folder compute each case once.
+    Failures (file and reason) are returned and written to ``output_dir/failures_name`` (an empty
+    list when none failed); the scans of the cases to ``inputs.json`` beside it
+    (:func:`inputs_file_name`), so that ``segshare-evaluate`` shows them under its overlays. A
+    record that cannot be written (a full disk) is listed in ``PredictReport.not_written``, never
+    raised: the report still says which cases failed.
 
     Args:
         predictor: The configured :class:`Predictor`.
         cases: The cases to predict (already sharded).
         output_dir: Destination folder (created).
         save_probabilities: Also write ``<case>.npz`` with the class probabilities.
-        skip_existing: Skip cases whose ``<case>.nii.gz`` (and ``.npz`` if asked) exist.
+        skip_existing: Skip cases whose ``<case>.nii.gz`` (and ``.npz`` if asked) exist; a case
+            whose input discovery found broken (``Case.problem``) is never skipped: it fails.
         failures_name: File name of the failure list inside ``output_dir``.
         progress: Show a progress bar over cases.
         postprocess: maps each label map (on the scan's grid) before it is written.
+        on_finished: called with the report once every case is done, before any record file is
+            written (the app prints the failures there).
+        lock_stale_seconds: a lock not refreshed for this long is taken over (its run died).
 
     Returns:
         A :class:`PredictReport`.
@@ -335,16 +528,28 @@ def predict_cases(
     report = PredictReport()
     todo = []
     for case in cases:
-        nii, npz = output_paths(out, case.case_id)
-        if skip_existing and nii.exists() and (npz.exists() or not save_probabilities):
+        if skip_existing and _is_done(out, case, save_probabilities):
             report.skipped.append(case.case_id)
         else:
             todo.append(case)
-    _remove_stale_temporaries(out, [c.case_id for c in todo])
-    _predict_overlapped(predictor, todo, out, save_probabilities, report, progress, postprocess)
+    with CaseClaims(out, lock_stale_seconds) as claims:
+        _predict_overlapped(
+            predictor, todo, out, save_probabilities, report, progress, claims, skip_existing,
+            postprocess,
+        )  # fmt: skip
+    for names in (report.written, report.skipped, report.busy):
+        names.sort()
     report.failed.sort(key=lambda f: f["case_id"])
-    inputs = {c.case_id: [str(Path(p).resolve()) for p in c.images] for c in cases}
-    write_json_atomic(inputs, out / inputs_file_name(failures_name))
-    write_json_atomic(report.failed, out / failures_name)
     report.seconds = time.perf_counter() - start
+    if on_finished is not None:
+        on_finished(report)
+    inputs = {c.case_id: [os.path.realpath(p) for p in c.images] for c in cases}
+    for content, name in (
+        (report.failed, failures_name),
+        (inputs, inputs_file_name(failures_name)),
+    ):
+        try:
+            write_json_atomic(content, out / name)
+        except OSError as err:
+            report.not_written.append(f"{out / name}: not written ({err.strerror or err})")
     return report
