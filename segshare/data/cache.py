@@ -10,24 +10,46 @@ gives a new folder and an unchanged one is reused):
 Each file is written to a temporary name and renamed; ``<id>.json`` is written last and marks a
 finished case, so an interrupted run leaves no half-written case and resumes where it stopped.
 Workers each hold one case in memory at a time.
+
+``<id>.json`` also records the signature of the case's source files (``sources``: per image file
+and the label, :func:`segshare.data.io.file_signature`, taken before they are read). A case whose
+files no longer match (a label or image corrected in place) is rebuilt by the next run; cases
+written before signatures existed are rebuilt once. One run fills a folder at a time (a lock
+file, ``.lock``); it first deletes the temporaries a killed run left there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from segshare.data.discovery import Case, Dataset
-from segshare.data.io import read_json, save_npy_atomic, write_json_atomic
+from segshare.data.io import (
+    file_signature,
+    read_json,
+    remove_temporaries,
+    save_npy_atomic,
+    write_json_atomic,
+)
 from segshare.data.parallel import parallel_map
 from segshare.data.preprocessing import Plan, preprocess_case
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 LOCATIONS_PER_CLASS = 2000
+LOCK_FILE = ".lock"
+log = logging.getLogger(__name__)
 
 
 def cache_key(plan: Plan) -> str:
@@ -49,6 +71,35 @@ def is_cached(cache_dir: Path, case_id: str) -> bool:
     ).exists()
 
 
+def source_signature(case: Case, signatures: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The signature of a case's source files: ``{"images": [...], "label": ...}``, one
+    :func:`segshare.data.io.file_signature` each (from ``signatures`` by path when given there).
+
+    Paths are not part of it, so a dataset moved with its timestamps (``mv``) keeps its cache.
+    """
+
+    def sig(path: Path) -> Any:
+        key = str(path)
+        return signatures[key] if signatures and key in signatures else file_signature(path)
+
+    signature = {
+        "images": [sig(p) for p in case.images],
+        "label": None if case.label is None else sig(case.label),
+    }
+    return json.loads(json.dumps(signature))  # as it reads back from the JSON
+
+
+def is_current(cache_dir: Path, case: Case, signature: dict[str, Any]) -> bool:
+    """A case is complete and was built from source files with this ``signature``."""
+    if not is_cached(cache_dir, case.case_id):
+        return False
+    try:
+        props = read_json(cache_dir / f"{case.case_id}.json")
+    except (OSError, ValueError):
+        return False
+    return props.get("sources") == signature
+
+
 def class_locations(label: np.ndarray, seed: int, per_class: int = LOCATIONS_PER_CLASS) -> dict:
     """Up to ``per_class`` random voxel indices ``[i, j, k]`` of each foreground class."""
     rng = np.random.default_rng(seed)
@@ -67,31 +118,71 @@ def _case_seed(case_id: str) -> int:
     return int(hashlib.sha256(case_id.encode()).hexdigest()[:8], 16)
 
 
-def cache_case(case: Case, cache_dir: Path, plan: Plan) -> int:
-    """Preprocess one case into the cache (skipped if complete); returns bytes written."""
-    if is_cached(cache_dir, case.case_id):
+def cache_case(
+    case: Case, cache_dir: Path, plan: Plan, signature: dict[str, Any] | None = None
+) -> int:
+    """Preprocess one case into the cache unless it is current; returns bytes written.
+
+    Args:
+        case: the case.
+        cache_dir: the cache folder.
+        plan: the preprocessing plan.
+        signature: :func:`source_signature` of the case, taken before its files are read
+            (computed here when None).
+
+    A stale case's ``<id>.json`` is deleted first, so while it is rebuilt it reads as
+    incomplete, never as the old properties over new arrays.
+    """
+    signature = source_signature(case) if signature is None else signature
+    if is_current(cache_dir, case, signature):
         return 0
+    stem = cache_dir / case.case_id
+    Path(f"{stem}.json").unlink(missing_ok=True)
     image, label, props = preprocess_case(case.images, case.label, plan)
-    save_npy_atomic(image.astype(np.float32, copy=False), cache_dir / f"{case.case_id}_image.npy")
+    save_npy_atomic(image.astype(np.float32, copy=False), Path(f"{stem}_image.npy"))
     nbytes = image.nbytes
     if label is not None:
-        save_npy_atomic(label, cache_dir / f"{case.case_id}_label.npy")
+        save_npy_atomic(label, Path(f"{stem}_label.npy"))
         props["class_locations"] = class_locations(label, _case_seed(case.case_id))
         nbytes += label.nbytes
+    else:
+        Path(f"{stem}_label.npy").unlink(missing_ok=True)
     props["case_id"] = case.case_id
-    write_json_atomic(props, cache_dir / f"{case.case_id}.json")
+    props["sources"] = signature
+    write_json_atomic(props, Path(f"{stem}.json"))
     return nbytes
 
 
 def _cache_star(args: tuple) -> tuple[str, int]:
-    case, cache_dir, plan_dict = args
+    case, cache_dir, plan_dict, signature = args
     try:
-        return case.case_id, cache_case(case, cache_dir, Plan.from_dict(plan_dict))
+        return case.case_id, cache_case(case, cache_dir, Plan.from_dict(plan_dict), signature)
     except Exception as err:  # re-raised in the parent with the case named
         raise RuntimeError(
             f"preprocessing case {case.case_id!r} ({case.images[0]}) failed: "
             f"{type(err).__name__}: {err}"
         ) from None
+
+
+@contextlib.contextmanager
+def _filling(cache_dir: Path) -> Iterator[None]:
+    """Hold the folder's lock (waiting for another run that fills it), then delete the
+    temporaries a killed run left: while the lock is held, no other process is writing there."""
+    if fcntl is None:  # pragma: no cover - Windows: no lock, so leftovers are kept
+        yield
+        return
+    with open(cache_dir / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s: another run is filling this cache; waiting for it", cache_dir)
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            for tmp in remove_temporaries(cache_dir):
+                log.info("removed %s, left by an interrupted run", tmp)
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 def preprocess_dataset(
@@ -100,6 +191,7 @@ def preprocess_dataset(
     plan: Plan,
     num_workers: int = 2,
     progress: bool = True,
+    signatures: Mapping[str, Any] | None = None,
 ) -> Path:
     """Preprocess every case of ``dataset`` into the cache folder keyed by ``plan``.
 
@@ -109,18 +201,25 @@ def preprocess_dataset(
         plan: the preprocessing plan.
         num_workers: worker processes (<= 1: in this process).
         progress: show a tqdm progress bar.
+        signatures: :func:`segshare.data.io.file_signature` by path, taken before the files were
+            first read (by validation); missing ones are taken here.
 
     Returns:
-        The cache folder. Cases already complete there are reused.
+        The cache folder. Cases there built from the same source files are reused; cases whose
+        files changed since are rebuilt.
     """
     cache_dir = cache_dir_for(out_dir, plan)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    if not (cache_dir / "plan.json").exists():
-        plan.save(cache_dir / "plan.json")
-    todo = [c for c in dataset.cases if not is_cached(cache_dir, c.case_id)]
-    jobs = [(c, cache_dir, plan.to_dict()) for c in todo]
-    for _ in parallel_map(_cache_star, jobs, num_workers, "preprocess", progress):
-        pass
+    with _filling(cache_dir):
+        if not (cache_dir / "plan.json").exists():
+            plan.save(cache_dir / "plan.json")
+        jobs = []
+        for case in dataset.cases:
+            signature = source_signature(case, signatures)
+            if not is_current(cache_dir, case, signature):
+                jobs.append((case, cache_dir, plan.to_dict(), signature))
+        for _ in parallel_map(_cache_star, jobs, num_workers, "preprocess", progress):
+            pass
     return cache_dir
 
 

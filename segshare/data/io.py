@@ -37,9 +37,10 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 INPUTS_FILE = "inputs.json"
 #: The names of :func:`atomic_target`'s temporaries (``.<name>.<random>.tmp<suffix>``).
 TEMPORARY_GLOB = ".*.tmp*"
-#: :func:`file_signature` hashes a file whole up to twice this size, else its first and last
-#: this many bytes.
-SIGNATURE_HASH_BYTES = 2**20
+#: :func:`file_signature` hashes a file whole up to this size ...
+SIGNATURE_WHOLE_BYTES = 2**20
+#: ... and a larger one's first and last this many bytes.
+SIGNATURE_EDGE_BYTES = 2**16
 
 
 class NiftiReadError(ValueError):
@@ -172,14 +173,14 @@ def read_label_map(path: str | os.PathLike) -> tuple[np.ndarray, nib.Nifti1Image
 def file_signature(path: str | os.PathLike) -> list[int | str] | None:
     """What identifies a file's content, cheaply: ``[size, mtime_ns, sha256 hex]``.
 
-    The hash covers the whole file when it is at most 2 MiB (``2 *``
-    :data:`SIGNATURE_HASH_BYTES`: label maps, most compressed scans), else its first and last MiB,
-    so a signature reads at most 2 MiB whatever the file's size. Size and mtime catch ordinary
-    edits; the hash catches a same-size rewrite whose mtime was kept (``cp -p``, ``rsync -a``,
-    ``touch -r``). For a ``.nii.gz`` the last bytes are gzip's CRC-32 and length of the whole
-    uncompressed stream, so any change of its voxels changes the signature. Not caught: an
-    uncompressed ``.nii`` over 2 MiB changed only in its middle, at the same size, with its old
-    mtime restored.
+    The hash covers the whole file up to 1 MiB (:data:`SIGNATURE_WHOLE_BYTES`: label maps, small
+    scans), else its first and last 64 KiB (:data:`SIGNATURE_EDGE_BYTES`), so a signature reads
+    at most 1 MiB whatever the file's size. Size and mtime catch ordinary edits; the hash catches
+    a same-size rewrite whose mtime was kept (``cp -p``, ``rsync -a``, ``touch -r``): the first
+    bytes hold the NIfTI header (shape, affine, scaling), and the last 8 bytes of a ``.nii.gz``
+    are gzip's CRC-32 and length of the whole uncompressed stream, so any change of its voxels
+    changes the signature too. Not caught: an uncompressed ``.nii`` over 1 MiB changed only away
+    from its ends, at the same size, with its old mtime restored.
 
     Args:
         path: the file.
@@ -191,12 +192,12 @@ def file_signature(path: str | os.PathLike) -> list[int | str] | None:
         with open(path, "rb") as fh:
             st = os.fstat(fh.fileno())
             digest = hashlib.sha256()
-            if st.st_size <= 2 * SIGNATURE_HASH_BYTES:
+            if st.st_size <= SIGNATURE_WHOLE_BYTES:
                 digest.update(fh.read())
             else:
-                digest.update(fh.read(SIGNATURE_HASH_BYTES))
-                fh.seek(-SIGNATURE_HASH_BYTES, os.SEEK_END)
-                digest.update(fh.read(SIGNATURE_HASH_BYTES))
+                digest.update(fh.read(SIGNATURE_EDGE_BYTES))
+                fh.seek(-SIGNATURE_EDGE_BYTES, os.SEEK_END)
+                digest.update(fh.read(SIGNATURE_EDGE_BYTES))
     except OSError:
         return None
     return [int(st.st_size), int(st.st_mtime_ns), digest.hexdigest()]

@@ -1,6 +1,7 @@
 """One call from the data settings to cached, split training data: :func:`prepare_dataset`.
 
-validate (every problem at once) -> fingerprint -> plan -> cache (parallel, keyed, reused) -> split.
+validate (every problem at once) -> fingerprint -> plan -> cache (parallel, keyed, reused while
+its source files are unchanged) -> split.
 Used by ``segshare-preprocess`` and by training, so both refuse the same bad data.
 """
 
@@ -15,12 +16,18 @@ from segshare.data.augment import AugmentSettings
 from segshare.data.cache import preprocess_dataset
 from segshare.data.discovery import Dataset, discover_dataset
 from segshare.data.fingerprint import build_fingerprint, make_plan
-from segshare.data.io import read_json, write_json_atomic
+from segshare.data.io import file_signature, read_json, write_json_atomic
 from segshare.data.planner import PlannerSettings, plan_configurations
 from segshare.data.preprocessing import Plan
 from segshare.data.splits import get_split
 from segshare.data.synthetic import SyntheticSpec, ensure_dataset
-from segshare.data.validation import DatasetError, Problem, dataset_signature, validate_dataset
+from segshare.data.validation import (
+    DatasetError,
+    Problem,
+    dataset_files,
+    dataset_signature,
+    validate_dataset,
+)
 
 
 @dataclass(frozen=True)
@@ -92,12 +99,17 @@ def _infer_labels(stats: dict[str, dict]) -> dict[str, int]:
 
 
 def _validated_fingerprint(
-    dataset: Dataset, settings: DataSettings, out: Path, progress: bool
+    dataset: Dataset,
+    settings: DataSettings,
+    out: Path,
+    progress: bool,
+    signatures: dict[str, Any],
 ) -> dict[str, Any]:
     """Validate (skipped when no file changed since the last clean validation, unless
-    ``data.revalidate``) and return the fingerprint; raises DatasetError listing every problem."""
+    ``data.revalidate``) and return the fingerprint; raises DatasetError listing every problem.
+    ``signatures``: every file's :func:`segshare.data.io.file_signature`, taken before reading."""
     max_voxels = int(settings.max_voxels)
-    signature = dataset_signature(dataset, max_voxels)
+    signature = dataset_signature(dataset, max_voxels, signatures)
     sig_path, fp_path = out / "validated.json", out / "fingerprint.json"
     if not settings.revalidate and sig_path.exists() and fp_path.exists():
         if read_json(sig_path) == json.loads(json.dumps(signature)):
@@ -143,7 +155,10 @@ def prepare_dataset(
             [Problem(str(settings.root), str(err).split(": ", 1)[-1])], settings.root
         ) from None
     out = Path(str(settings.preprocessed_dir))
-    fingerprint = _validated_fingerprint(dataset, settings, out, progress)
+    # one signature per file, taken before anything reads it: validation's skip and the cache's
+    # rebuild decisions both compare these (a file changed while it is read counts as changed)
+    signatures = {str(p): file_signature(p) for p in dataset_files(dataset)}
+    fingerprint = _validated_fingerprint(dataset, settings, out, progress, signatures)
     dataset.labels = dict(fingerprint["labels"])
     plan = make_plan(
         fingerprint,
@@ -159,7 +174,9 @@ def prepare_dataset(
         plan.configurations = {name: c.to_dict() for name, c in plans.items()}
     plan.save(out / "plan.json")
     workers = int(settings.num_workers)
-    cache_dir = preprocess_dataset(dataset, out, plan, num_workers=workers, progress=progress)
+    cache_dir = preprocess_dataset(
+        dataset, out, plan, num_workers=workers, progress=progress, signatures=signatures
+    )
     fold = settings.fold
     train_ids, val_ids = get_split(
         out,

@@ -10,15 +10,22 @@ fingerprint statistics, so each file is read once.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from segshare.data.discovery import Case, Dataset, is_inside
 from segshare.data.fingerprint import case_statistics
-from segshare.data.io import NiftiReadError, load_nifti, read_label_voxels, read_voxels
+from segshare.data.io import (
+    NiftiReadError,
+    file_signature,
+    load_nifti,
+    read_label_voxels,
+    read_voxels,
+)
 from segshare.data.parallel import parallel_map
 
 DEFAULT_MAX_VOXELS = 512**3
@@ -225,19 +232,31 @@ def validate_dataset(
     return problems, stats
 
 
-def dataset_signature(dataset: Dataset, max_voxels: int) -> dict[str, Any]:
-    """What a validation result depends on: every file's size and mtime, the labels, channels
-    and voxel limit. Equal signatures mean the dataset need not be read again."""
-    files: dict[str, list[int] | None] = {}
+def dataset_files(dataset: Dataset) -> list[Path]:
+    """Every source file of the dataset (images, labels) and its ``dataset.json``."""
     paths = [p for c in dataset.cases for p in (*c.images, c.label) if p is not None]
-    for p in [*paths, dataset.root / "dataset.json"]:
-        try:
-            st = os.stat(p)
-            files[str(p)] = [st.st_size, st.st_mtime_ns]
-        except OSError:
-            files[str(p)] = None
+    return [*paths, Path(dataset.root) / "dataset.json"]
+
+
+def dataset_signature(
+    dataset: Dataset, max_voxels: int, signatures: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a validation result depends on: every file's signature (size, mtime and a content
+    hash, :func:`segshare.data.io.file_signature`), the labels, channels and voxel limit. Equal
+    signatures mean the dataset need not be read again.
+
+    Args:
+        dataset: the discovered dataset.
+        max_voxels: the voxel limit validation used.
+        signatures: signatures already taken, by path (the rest are taken here).
+    """
+    signatures = signatures or {}
+    files = {
+        str(p): signatures[str(p)] if str(p) in signatures else file_signature(p)
+        for p in dataset_files(dataset)
+    }
     return {
-        "version": 1,
+        "version": 2,
         "max_voxels": int(max_voxels),
         "labels": dataset.labels,
         "channel_names": dataset.channel_names,
