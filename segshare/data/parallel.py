@@ -1,10 +1,19 @@
-"""Process-parallel map over cases with a progress bar (validation, caching and evaluation)."""
+"""Process-parallel map over cases with a progress bar (validation, caching and evaluation).
+
+Workers die with their parent: each runs a watchdog thread that ends the worker (``os._exit``)
+within :data:`PARENT_POLL_SECONDS` of its parent's death, so a SIGKILLed app (an OOM kill, a
+scheduler's time limit) leaves no orphaned workers computing on. A thread rather than Linux's
+``PR_SET_PDEATHSIG``: that signal fires when the parent *thread* that started the worker ends,
+not the parent process, and it exists on Linux only.
+"""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
@@ -13,6 +22,8 @@ from tqdm import tqdm
 
 #: Most worker processes :func:`default_num_workers` proposes.
 MAX_DEFAULT_WORKERS = 8
+#: How often a worker checks that its parent still runs (seconds).
+PARENT_POLL_SECONDS = 0.25
 
 
 def start_method() -> str:
@@ -32,6 +43,24 @@ def start_method() -> str:
 def mp_context() -> Any:
     """The multiprocessing context of :func:`start_method`."""
     return mp.get_context(start_method())
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: end this process as soon as ``parent_pid`` is no longer its parent.
+
+    An orphan is re-parented (to init or a subreaper), so ``os.getppid()`` changes when the
+    parent dies; a daemon thread checks it every :data:`PARENT_POLL_SECONDS`.
+    """
+    if os.getppid() != parent_pid:  # the parent died before this worker started
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_POLL_SECONDS)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="segshare-watch-parent", daemon=True).start()
 
 
 def cpu_count() -> int:
@@ -58,9 +87,9 @@ def parallel_map(
 ) -> Iterator[Any]:
     """Yield ``fn(job)`` for every job, in worker processes when ``num_workers > 1``.
 
-    Each worker process holds one job at a time. ``fn`` must be a module-level function. When a
-    job raises (or the caller stops iterating), jobs not yet started are cancelled and the error
-    propagates.
+    Each worker process holds one job at a time and exits when this process dies
+    (:func:`die_with_parent`). ``fn`` must be a module-level function. When a job raises (or the
+    caller stops iterating), jobs not yet started are cancelled and the error propagates.
 
     Args:
         fn: called with one job.
@@ -84,7 +113,12 @@ def parallel_map(
                 bar.update()
                 yield result
             return
-        with ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=mp_context()) as pool:
+        with ProcessPoolExecutor(
+            min(num_workers, len(jobs)),
+            mp_context=mp_context(),
+            initializer=die_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
             done: dict[int, Any] = {}
             next_index = 0
