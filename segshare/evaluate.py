@@ -1,9 +1,10 @@
 """``segshare-evaluate``: score a folder of predicted label maps against references.
 
 Writes ``summary.json`` (nnU-Net's shape), ``metrics.csv`` (tidy), ``report.md`` and a
-self-contained ``report.html`` into the output folder. ``run(cfg)`` is the Hydra wrapper of
-:func:`segshare.evaluation.evaluate_folders`, the plain function that the training and prediction
-apps call.
+self-contained ``report.html`` into the output folder, all or none. Exit status: 0 when scored,
+2 when an input is bad (every bad file listed) or the outputs cannot be written. ``run(cfg)`` is
+the Hydra wrapper of :func:`segshare.evaluation.evaluate_folders`, the plain function that the
+training and prediction apps call.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from segshare.cli import exit_on_user_error
+from segshare.cli import USER_ERRORS, exit_on_user_error
 from segshare.evaluation import evaluate_folders
 
 
@@ -51,7 +52,8 @@ def _print_summary(summary: dict, output: str) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://segshare.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Console entry point ``segshare-evaluate pred=DIR ref=DIR output=DIR``."""
-    with exit_on_user_error("segshare-evaluate"):
+    # a bad input, or outputs that cannot be written (a full disk: none is written): status 2
+    with exit_on_user_error("segshare-evaluate", [((*USER_ERRORS, OSError), 2)]):
         summary = run(cfg)
     _print_summary(summary, str(cfg.output))
 

@@ -2,12 +2,17 @@
 
 :func:`evaluate_folders` is the plain function behind ``segshare-evaluate`` that the training and
 prediction apps call. It writes ``summary.json`` (nnU-Net's shape), ``metrics.csv`` (tidy) and, by
-default, ``report.md`` and a self-contained ``report.html`` (matplotlib is imported only then).
+default, ``report.md`` and a self-contained ``report.html`` (matplotlib is imported only then):
+all of them or none (:func:`staged_outputs`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from segshare.data.io import INPUTS_FILE, read_json
@@ -16,6 +21,7 @@ from segshare.evaluation.runner import (
     CaseMatch,
     absent_label_metrics,
     find_image,
+    find_label_file,
     load_label_names,
     match_cases,
     run_cases,
@@ -78,6 +84,67 @@ def _complete_cases(
             k: case["metrics"].get(k) or absent_label_metrics(case["num_voxels"]) for k in labels
         }
     return labels
+
+
+def unknown_labels(
+    cases: list[dict], labels: Sequence[int] | None, names: dict[int, str], source: str
+) -> list[dict]:
+    """The predictions holding label values nobody defines, each printed as a warning (they are
+    not scored: their voxels count as background for every label).
+
+    Known values: 0, the asked ``labels``, and the labels of ``dataset.json`` (``names``) or,
+    without one, every value found in the references.
+
+    Returns:
+        ``[{"prediction_file", "values"}]`` in case order (``summary.json``'s ``unknown_labels``).
+    """
+    known = {0, *(labels or ())}
+    known |= set(names) if names else {v for case in cases for v in case.get("ref_values", ())}
+    found = []
+    for case in cases:
+        values = sorted(set(case.get("pred_values", ())) - known)
+        if values and not case.get("prediction_missing"):
+            found.append({"prediction_file": case["prediction_file"], "values": values})
+            print(
+                f"warning: {case['prediction_file']}: label value(s) "
+                f"{', '.join(map(str, values))} {source}; not scored (counted as background).",
+                file=sys.stderr,
+            )
+    return found
+
+
+@contextmanager
+def staged_outputs(output_dir: Path) -> Iterator[Path]:
+    """Yield a hidden temporary folder inside ``output_dir``; on success move every file written
+    there into ``output_dir`` (``summary.json`` last), so that the outputs appear together. On
+    an error the folder is deleted and ``output_dir`` keeps what it held (a previous evaluation
+    stays whole). One evaluation per ``output_dir`` at a time.
+
+    Raises:
+        OSError: a file could not be written (e.g. a full disk), naming ``output_dir``.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stage = output_dir / ".evaluation.tmp"  # fixed: a killed run's leftover is cleared here
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        stage.mkdir()
+        yield stage
+        files = sorted(stage.iterdir(), key=lambda f: (f.name == "summary.json", f.name))
+        for file in files:  # on disk before they are moved into place
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+        for file in files:
+            os.replace(file, output_dir / file.name)
+    except OSError as err:
+        if err.errno is None:
+            raise  # not a failed write (e.g. a missing images folder): as it is
+        reason = err.strerror or str(err)
+        raise OSError(
+            err.errno, f"cannot write the evaluation into '{output_dir}' ({reason}); none written"
+        ) from err
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def recorded_inputs(pred_dir: str | Path) -> dict[str, Path]:
@@ -158,16 +225,24 @@ def evaluate_folders(
     Returns:
         The summary dictionary written to ``summary.json`` (label keys are strings).
 
+    Outputs are written together or not at all (:func:`staged_outputs`). A prediction holding
+    a label value that neither ``dataset.json`` nor the references define is warned about and
+    listed in ``summary.json``'s ``unknown_labels``.
+
     Raises:
         ValueError: unreadable files, a prediction whose shape or affine differs from its
-            reference (naming both), bad arguments.
+            reference (naming both): every such case, listed together; two files of one case
+            id in a folder; bad arguments.
         FileNotFoundError: a folder does not exist.
+        OSError: the outputs could not be written (none is).
     """
     if hd95 not in HD95_VARIANTS:
         raise ValueError(f"hd95 must be one of {HD95_VARIANTS}, got {hd95!r}.")
     if not float(nsd_tolerance_mm) >= 0:
         raise ValueError(f"nsd_tolerance_mm must be >= 0, got {nsd_tolerance_mm!r}.")
     labels = check_labels(labels)
+    if report and images_dir is not None and not Path(images_dir).is_dir():
+        raise FileNotFoundError(f"images folder not found: '{images_dir}'.")  # before scoring
     pred_dir, ref_dir, output_dir = Path(pred_dir), Path(ref_dir), Path(output_dir)
     match = match_cases(pred_dir, ref_dir)
     names = load_label_names(ref_dir, dataset_json)
@@ -175,6 +250,12 @@ def evaluate_folders(
     tasks = _case_tasks(match, common, missing_as_empty)
     workers = default_num_workers() if num_workers is None else int(num_workers)
     cases = run_cases(tasks, workers, progress=progress)
+    source = (
+        f"not defined in {find_label_file(ref_dir, dataset_json)}"
+        if names
+        else "found in none of the references (nor asked for with labels=)"
+    )
+    unknown = unknown_labels(cases, labels, names, source)
     labels = _complete_cases(tasks, cases, labels, ref_dir)
     settings = {
         "pred_dir": str(pred_dir),
@@ -196,8 +277,10 @@ def evaluate_folders(
         unmatched=[str(u) for u in match.unmatched],
         settings=settings,
     )
-    write_summary_json(summary, output_dir / "summary.json", strict=strict_json)
-    write_metrics_csv(summary, output_dir / "metrics.csv")
-    if report:
-        write_evaluation_report(summary, output_dir, images_dir, Path(pred_dir))
+    summary["unknown_labels"] = unknown
+    with staged_outputs(output_dir) as stage:
+        write_summary_json(summary, stage / "summary.json", strict=strict_json)
+        write_metrics_csv(summary, stage / "metrics.csv")
+        if report:
+            write_evaluation_report(summary, stage, images_dir, Path(pred_dir))
     return summary

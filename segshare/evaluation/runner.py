@@ -13,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from segshare.data.discovery import parse_labels
+from segshare.data.discovery import check_unique_case_files, parse_labels
 from segshare.data.io import (
     NIFTI_SUFFIXES,
     NiftiReadError,
@@ -44,26 +44,25 @@ def match_cases(pred_dir: Path, ref_dir: Path) -> CaseMatch:
     so ``x.nii`` also matches ``x.nii.gz``).
 
     Raises:
-        ValueError: when ``ref_dir`` holds no NIfTI file.
+        ValueError: when ``ref_dir`` holds no NIfTI file, or either folder holds two files of
+            one case id (``x.nii`` and ``x.nii.gz``; the message names both).
     """
     refs = list_nifti(ref_dir)
     if not refs:
         raise ValueError(f"no NIfTI reference files (.nii.gz/.nii) in '{ref_dir}'.")
-    preds: dict[str, Path] = {}
-    for path in list_nifti(pred_dir):  # x.nii sorts before x.nii.gz; an exact name wins below
-        preds.setdefault(strip_nifti_suffix(path.name), path)
+    pred_files = list_nifti(pred_dir)
+    check_unique_case_files(refs, ref_dir)
+    check_unique_case_files(pred_files, pred_dir)
+    preds = {strip_nifti_suffix(path.name): path for path in pred_files}
     match = CaseMatch()
     ref_ids = set()
     for ref in refs:
         case_id = strip_nifti_suffix(ref.name)
         ref_ids.add(case_id)
-        exact = Path(pred_dir) / ref.name
-        if exact.is_file():
-            match.pairs.append((case_id, ref, exact))
-        elif case_id in preds:
+        if case_id in preds:
             match.pairs.append((case_id, ref, preds[case_id]))
         else:
-            match.missing.append((case_id, ref, exact))
+            match.missing.append((case_id, ref, Path(pred_dir) / ref.name))
     match.unmatched = [p for cid, p in preds.items() if cid not in ref_ids]
     return match
 
@@ -139,7 +138,8 @@ def evaluate_case(
 
     Returns:
         nnU-Net style entry ``{"case_id", "reference_file", "prediction_file", "metrics",
-        "ref_labels", "num_voxels"}`` with ``metrics`` keyed by int label.
+        "ref_labels", "num_voxels"}`` with ``metrics`` keyed by int label, plus the nonzero
+        values present in each map (``ref_values``, ``pred_values``).
     """
     ref, ref_img = load_label_map(ref_path)
     if pred_missing:
@@ -162,11 +162,27 @@ def evaluate_case(
         "ref_labels": [k for k, v in metrics.items() if v["n_ref"] > 0],
         "num_voxels": int(ref.size),
         "spacing": list(spacing),
+        "ref_values": label_values(ref),
+        "pred_values": [] if pred_missing else label_values(pred),
     }
 
 
+def label_values(array: np.ndarray) -> list[int]:
+    """The nonzero values of a label map, sorted (one counting pass for uint8 maps)."""
+    if array.dtype == np.uint8:
+        values = np.flatnonzero(np.bincount(array.ravel(), minlength=1))
+    else:
+        values = np.unique(array)
+    return [int(v) for v in values if v != 0]
+
+
 def _evaluate_task(task: dict) -> dict:
-    return evaluate_case(**task)
+    """:func:`evaluate_case`; a bad file comes back as ``{"case_id", "error"}`` (so that every
+    bad case of a folder is reported together)."""
+    try:
+        return evaluate_case(**task)
+    except ValueError as err:
+        return {"case_id": task["case_id"], "error": str(err)}
 
 
 def run_cases(tasks: list[dict], num_workers: int, progress: bool = True) -> list[dict]:
@@ -174,10 +190,19 @@ def run_cases(tasks: list[dict], num_workers: int, progress: bool = True) -> lis
 
     Results keep the order of ``tasks``. Workers start as :func:`segshare.data.parallel.mp_context`
     says (``spawn`` once TensorFlow is imported), so calling this from training is safe.
+
+    Raises:
+        ValueError: after every case ran, listing each one whose files could not be scored
+            (unreadable, non-integer labels, another shape or affine), one per line.
     """
-    return list(
+    results = list(
         parallel_map(_evaluate_task, tasks, num_workers, "evaluate", progress, ordered=True)
     )
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        lines = "\n".join(f"  - {e}" for e in errors)
+        raise ValueError(f"{len(errors)} of {len(results)} case(s) cannot be scored:\n{lines}")
+    return results
 
 
 def load_label_names(ref_dir: Path, dataset_json: Path | None = None) -> dict[int, str]:
@@ -190,24 +215,33 @@ def load_label_names(ref_dir: Path, dataset_json: Path | None = None) -> dict[in
         FileNotFoundError: ``dataset_json`` is given and does not exist.
         ValueError: the file is not valid JSON or its ``labels`` is not a mapping.
     """
+    path = find_label_file(ref_dir, dataset_json)
+    if path is None:
+        return {}
+    try:
+        meta = read_json(path)
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path}: top level must be an object")
+        labels = parse_labels(meta.get("labels", {}), str(path))
+    except ValueError as err:
+        message = str(err).removeprefix(f"{path}: ")
+        raise ValueError(f"cannot read labels from '{path}': {message}") from err
+    return {value: name for name, value in labels.items()}
+
+
+def find_label_file(ref_dir: Path, dataset_json: Path | None = None) -> Path | None:
+    """The ``dataset.json`` that names the labels: ``dataset_json`` when given, else the one in
+    ``ref_dir`` or its parent; ``None`` when there is none.
+
+    Raises:
+        FileNotFoundError: ``dataset_json`` is given and does not exist.
+    """
     if dataset_json is not None:
-        candidates = [Path(dataset_json)]
-        if not candidates[0].is_file():
+        if not Path(dataset_json).is_file():
             raise FileNotFoundError(f"dataset_json not found: '{dataset_json}'.")
-    else:
-        candidates = [Path(ref_dir) / "dataset.json", Path(ref_dir).parent / "dataset.json"]
-    for path in candidates:
-        if path.is_file():
-            try:
-                meta = read_json(path)
-                if not isinstance(meta, dict):
-                    raise ValueError(f"{path}: top level must be an object")
-                labels = parse_labels(meta.get("labels", {}), str(path))
-            except ValueError as err:
-                message = str(err).removeprefix(f"{path}: ")
-                raise ValueError(f"cannot read labels from '{path}': {message}") from err
-            return {value: name for name, value in labels.items()}
-    return {}
+        return Path(dataset_json)
+    candidates = [Path(ref_dir) / "dataset.json", Path(ref_dir).parent / "dataset.json"]
+    return next((path for path in candidates if path.is_file()), None)
 
 
 def find_image(images_dir: Path, case_id: str) -> Path | None:
