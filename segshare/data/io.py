@@ -108,6 +108,33 @@ def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
     return img
 
 
+def header_problem(img: nib.Nifti1Image) -> str | None:
+    """Why an image's header cannot describe a scan, from the header alone (no voxel is read).
+
+    Returns:
+        ``"the image has an empty axis ..."`` when an axis has length 0; ``"its affine is not
+        finite ..."`` when the voxel-to-world affine (from the sform, else the qform, else the
+        voxel sizes) holds NaN or Inf; else None.
+    """
+    shape = tuple(int(s) for s in img.shape)
+    if 0 in shape:
+        return f"the image has an empty axis (shape {shape}): it holds no voxels"
+    affine = np.asarray(img.affine, dtype=float)
+    if not np.isfinite(affine).all():
+        header = img.header
+        if int(header["sform_code"]) > 0:
+            source = "sform (srow_x/y/z)"
+        elif int(header["qform_code"]) > 0:
+            source = "qform (quatern_*, qoffset_*, pixdim)"
+        else:
+            source = "voxel sizes (pixdim)"
+        return (
+            f"its affine is not finite (NaN/Inf in the {source}): the orientation and spacing "
+            f"of the scan are unknown"
+        )
+    return None
+
+
 def read_voxels(img: nib.Nifti1Image, path: str | os.PathLike) -> np.ndarray:
     """Read an image's voxel data as float32 (scaling applied), with clear errors.
 

@@ -22,6 +22,7 @@ import numpy as np
 from nibabel import orientations as ornt_mod
 
 from segshare.data.io import (
+    header_problem,
     load_nifti,
     read_json,
     read_label_voxels,
@@ -39,6 +40,12 @@ from segshare.data.resample import (
 
 PLAN_VERSION = 1
 _RAS = ornt_mod.axcodes2ornt(("R", "A", "S"))
+#: Largest intensity magnitude accepted: the square root of float32's largest value, beyond which
+#: a squared deviation overflows float32. Beyond it a value is a fill/NoData marker (1e30,
+#: NetCDF's 9.97e36, -FLT_MAX), never a measurement; such a scan is refused (like NaN/Inf).
+MAX_INTENSITY = float(np.sqrt(np.finfo(np.float32).max))
+#: Elements per chunk when :func:`mean_std` accumulates in float64.
+_STAT_CHUNK = 2**22
 
 
 @dataclass
@@ -137,14 +144,58 @@ def nonzero_bbox(mask: np.ndarray) -> list[list[int]]:
     return [[lo, hi] for lo, hi in bounding_box(mask)]
 
 
+def unnormalisable_intensities(data: np.ndarray) -> str | None:
+    """Why ``data`` cannot be normalised: finite values beyond ±:data:`MAX_INTENSITY`.
+
+    NaN/Inf are not counted here (validation and prediction refuse them with their own message).
+
+    Returns:
+        A one-line problem (how many voxels, the largest magnitude, what to do), or None.
+    """
+    if data.size == 0:
+        return None
+    hi, lo = float(np.fmax.reduce(data, axis=None)), float(np.fmin.reduce(data, axis=None))
+    if max(abs(hi), abs(lo)) <= MAX_INTENSITY:  # NaN-ignoring, no copy: the common case
+        return None
+    magnitude = np.abs(data)
+    huge = (magnitude > MAX_INTENSITY) & (magnitude != np.inf)
+    count = int(np.count_nonzero(huge))
+    if not count:
+        return None
+    largest = float(magnitude[huge].max())
+    return (
+        f"{count} voxel(s) of magnitude up to {largest:.3g} cannot be normalised: beyond "
+        f"±{MAX_INTENSITY:.3g} a value is a fill/NoData marker, not an intensity (its square "
+        f"overflows float32); refused. Replace them (e.g. with the background value) and re-run."
+    )
+
+
+def _open_checked(path: str | os.PathLike) -> nib.Nifti1Image:
+    """:func:`load_nifti` plus :func:`segshare.data.io.header_problem` as a ``ValueError``."""
+    img = load_nifti(path)
+    problem = header_problem(img)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    return img
+
+
 def load_case_arrays(
     image_paths: Sequence[str | os.PathLike], label_path: str | os.PathLike | None
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Read a case: image ``(I, J, K, C)`` float32 (file voxel order), label, affine."""
+    """Read a case: image ``(I, J, K, C)`` float32 (file voxel order), label, affine.
+
+    Raises:
+        ValueError: naming the file, when a header has an empty axis or a non-finite affine,
+            channels differ in shape, or intensities cannot be normalised
+            (:func:`unnormalisable_intensities`).
+    """
     chans, affine = [], None
     for p in image_paths:
-        img = load_nifti(p)
+        img = _open_checked(p)
         data = read_voxels(img, p)
+        problem = unnormalisable_intensities(data)
+        if problem:
+            raise ValueError(f"{p}: {problem}")
         if affine is None:
             affine = img.affine
         chans.extend([data] if data.ndim == 3 else [data[..., c] for c in range(data.shape[-1])])
@@ -153,13 +204,32 @@ def load_case_arrays(
     image = chans[0][..., None] if len(chans) == 1 else np.stack(chans, axis=-1)
     label = None
     if label_path is not None:
-        raw = read_label_voxels(load_nifti(label_path), label_path)
+        raw = read_label_voxels(_open_checked(label_path), label_path)
         label = raw if raw.dtype.kind in "iu" else np.rint(raw).astype(np.int16)
     return image, label, np.asarray(affine, dtype=float)
 
 
+def mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and (population) standard deviation, accumulated in float64 in chunks.
+
+    In float32 the squared deviations of large intensities overflow (``std`` becomes inf and the
+    z-scored image all zeros); chunking keeps the float64 temporaries small.
+    """
+    flat = values.reshape(-1)
+    n = flat.size
+    if n == 0:
+        return 0.0, 0.0
+    chunks = range(0, n, _STAT_CHUNK)
+    mean = sum(float(flat[i : i + _STAT_CHUNK].sum(dtype=np.float64)) for i in chunks) / n
+    sq = 0.0
+    for i in chunks:
+        dev = flat[i : i + _STAT_CHUNK].astype(np.float64) - mean
+        sq += float(np.dot(dev, dev))
+    return mean, float(np.sqrt(sq / n))
+
+
 def normalize(image: np.ndarray, plan: Plan, nonzero: np.ndarray | None = None) -> np.ndarray:
-    """Normalise ``(D, H, W, C)`` per channel into a float32 copy.
+    """Normalise ``(D, H, W, C)`` per channel into a float32 copy (statistics in float64).
 
     Args:
         image: the cropped image.
@@ -176,13 +246,12 @@ def normalize(image: np.ndarray, plan: Plan, nonzero: np.ndarray | None = None) 
             ch -= st["mean"]
             ch /= max(st["std"], 1e-8)
         elif scheme == "zscore" and masked[c] and nonzero is not None and nonzero.any():
-            vals = ch[nonzero]
-            mean, std = float(vals.mean()), float(vals.std())
+            mean, std = mean_std(ch[nonzero])
             ch -= mean
             ch /= max(std, 1e-8)
             ch[~nonzero] = 0.0
         elif scheme == "zscore":
-            mean, std = float(ch.mean()), float(ch.std())
+            mean, std = mean_std(ch)
             ch -= mean
             ch /= max(std, 1e-8)
         else:
@@ -203,6 +272,12 @@ def preprocess_case(
     Returns:
         ``(image, label, properties)``: image ``(D, H, W, C)`` float32, label ``(D, H, W)`` uint8
         or None, and a JSON-serialisable dict of what :func:`restore_to_original` needs.
+
+    Raises:
+        ValueError: naming the file, when it is unreadable, a header has an empty axis or a
+            non-finite affine, intensities are beyond ±:data:`MAX_INTENSITY` (fill values), or the
+            channel count differs from the plan's. NaN/Inf voxels are passed through (training
+            data was validated; prediction refuses them with its own message).
     """
     image, label, affine = load_case_arrays(image_paths, label_path)
     if image.shape[-1] != plan.in_channels:

@@ -1,8 +1,9 @@
 """Dataset validation: every problem of every case, each naming its file, in one pass.
 
 Checks (per case): file missing/unreadable, truncated or corrupt gzip, not NIfTI, wrong
-dimensionality, header size over the voxel limit (refused before reading any voxel), channels
-that disagree (shape, affine), image/label shape and affine mismatch, NaN/Inf intensities, label
+dimensionality, an empty axis, a non-finite affine, header size over the voxel limit (refused
+before reading any voxel), channels that disagree (shape, affine), image/label shape and affine
+mismatch, NaN/Inf intensities or finite ones too large to normalise (fill values), label
 values not integer or not declared in ``dataset.json``; plus what discovery found (paths outside the
 root, missing labels, malformed ``dataset.json``). Cases without problems also yield their
 fingerprint statistics, so each file is read once.
@@ -22,11 +23,13 @@ from segshare.data.fingerprint import case_statistics
 from segshare.data.io import (
     NiftiReadError,
     file_signature,
+    header_problem,
     load_nifti,
     read_label_voxels,
     read_voxels,
 )
 from segshare.data.parallel import parallel_map
+from segshare.data.preprocessing import unnormalisable_intensities
 
 DEFAULT_MAX_VOXELS = 512**3
 
@@ -64,8 +67,22 @@ class CaseCheck:
     stats: dict[str, Any] | None = None
 
 
-def open_headers(case: Case, max_voxels: int, out: list[Problem]) -> list:
-    """Open every file's header; check dimensionality and voxel limit. Returns (path, img) pairs."""
+def open_headers(
+    case: Case, max_voxels: int, out: list[Problem], setting: str = "data.max_voxels"
+) -> list:
+    """Open every file's header; check dimensionality, empty axes, a finite affine and the voxel
+    limit, from the headers alone.
+
+    Args:
+        case: the case.
+        max_voxels: refuse a file whose header declares more voxels.
+        out: problems found are appended here (one per file at most).
+        setting: the name of the caller's voxel-limit setting, quoted in the message
+            (``"inference.max_voxels"`` for prediction).
+
+    Returns:
+        ``(path, kind, image)`` for every file without a problem (``kind``: image or label).
+    """
     opened = []
     files = [(p, "image") for p in case.images] + ([(case.label, "label")] if case.label else [])
     for path, kind in files:
@@ -80,13 +97,17 @@ def open_headers(case: Case, max_voxels: int, out: list[Problem]) -> list:
             want = "3D" if ok_dims == (3,) else "3D or 4D (channels last)"
             out.append(Problem(str(path), f"{kind} must be {want}, got shape {shape}"))
             continue
+        problem = header_problem(img)
+        if problem:
+            out.append(Problem(str(path), problem))
+            continue
         n_vox = int(np.prod(shape, dtype=np.int64))
         if n_vox > max_voxels:
             out.append(
                 Problem(
                     str(path),
                     f"{shape} = {n_vox} voxels exceeds the limit "
-                    f"data.max_voxels={max_voxels}; refused before reading",
+                    f"{setting}={max_voxels}; refused before reading",
                 )
             )
             continue
@@ -169,6 +190,8 @@ def check_case(
         bad = int(data.size - np.count_nonzero(np.isfinite(data)))
         if bad:
             out.append(Problem(str(path), f"{bad} NaN/Inf intensities"))
+        elif problem := unnormalisable_intensities(data):
+            out.append(Problem(str(path), problem))
         chans.extend([data] if data.ndim == 3 else [data[..., c] for c in range(data.shape[-1])])
     if num_channels is not None and not out and len(chans) != num_channels:
         out.append(
