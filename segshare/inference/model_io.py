@@ -15,6 +15,15 @@ from typing import Any
 
 import numpy as np
 
+#: Largest uncompressed ``config.json`` / ``metadata.json`` a ``.keras`` archive may declare; a
+#: segshare U-Net's config is ~100 KiB, and Keras parses these members whole into memory.
+MAX_JSON_MEMBER_BYTES = 64 * 2**20
+_JSON_MEMBERS = ("config.json", "metadata.json")
+
+
+class OversizedArchiveError(ValueError):
+    """A ``.keras`` archive declares a JSON member over :data:`MAX_JSON_MEMBER_BYTES`."""
+
 
 def load_model_safely(path: str | Path) -> Any:
     """Load a ``.keras`` model with Keras safe mode on (no arbitrary code is ever run).
@@ -23,7 +32,9 @@ def load_model_safely(path: str | Path) -> Any:
 
     Raises:
         ValueError: Naming the file when it holds code that safe mode refuses (a ``Lambda``
-            layer) or cannot be read as a Keras model.
+            layer), declares a ``config.json`` or ``metadata.json`` larger than
+            :data:`MAX_JSON_MEMBER_BYTES` (checked in the zip directory, before anything is
+            decompressed), or cannot be read as a Keras model.
     """
     import keras
 
@@ -46,11 +57,27 @@ def load_model_safely(path: str | Path) -> Any:
         raise ValueError(f"{path}: cannot load the Keras model (safe mode): {first}") from err
 
 
+def _read_config(path: Path) -> Any:
+    """The parsed ``config.json`` of a ``.keras`` archive, after checking the declared sizes of
+    its JSON members (a read never goes past a declared size: ``zipfile`` stops there)."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.filename in _JSON_MEMBERS and info.file_size > MAX_JSON_MEMBER_BYTES:
+                raise OversizedArchiveError(
+                    f"{path}: refused to load: its {info.filename} is "
+                    f"{info.file_size / 2**20:.0f} MiB uncompressed, over the "
+                    f"{MAX_JSON_MEMBER_BYTES // 2**20} MiB a model's description may take "
+                    f"(a damaged or hostile archive)."
+                )
+        return json.loads(archive.read("config.json"))
+
+
 def _lambda_layers(path: Path) -> list[str]:
     """Names of the ``Lambda`` layers in a ``.keras`` archive's config (read, never executed)."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            config = json.loads(archive.read("config.json"))
+        config = _read_config(path)
+    except OversizedArchiveError:
+        raise
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: not a readable .keras model archive ({err}).") from None
     found: list[str] = []
