@@ -20,12 +20,10 @@ file, ``.lock``); it first deletes the temporaries a killed run left there.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,22 +32,15 @@ import numpy as np
 from segshare.data.discovery import Case, Dataset
 from segshare.data.io import (
     file_signature,
+    filling_folder,
     read_json,
-    remove_temporaries,
     save_npy_atomic,
     write_json_atomic,
 )
 from segshare.data.parallel import parallel_map
 from segshare.data.preprocessing import Plan, preprocess_case
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
-
 LOCATIONS_PER_CLASS = 2000
-LOCK_FILE = ".lock"
-log = logging.getLogger(__name__)
 
 
 def cache_key(plan: Plan) -> str:
@@ -164,27 +155,6 @@ def _cache_star(args: tuple) -> tuple[str, int]:
         ) from None
 
 
-@contextlib.contextmanager
-def _filling(cache_dir: Path) -> Iterator[None]:
-    """Hold the folder's lock (waiting for another run that fills it), then delete the
-    temporaries a killed run left: while the lock is held, no other process is writing there."""
-    if fcntl is None:  # pragma: no cover - Windows: no lock, so leftovers are kept
-        yield
-        return
-    with open(cache_dir / LOCK_FILE, "a") as lock:
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("%s: another run is filling this cache; waiting for it", cache_dir)
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            for tmp in remove_temporaries(cache_dir):
-                log.info("removed %s, left by an interrupted run", tmp)
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-
 def preprocess_dataset(
     dataset: Dataset,
     out_dir: str | os.PathLike,
@@ -210,7 +180,7 @@ def preprocess_dataset(
     """
     cache_dir = cache_dir_for(out_dir, plan)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _filling(cache_dir):
+    with filling_folder(cache_dir):
         if not (cache_dir / "plan.json").exists():
             plan.save(cache_dir / "plan.json")
         jobs = []

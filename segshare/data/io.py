@@ -7,7 +7,7 @@ fsync-ed before the rename and the folder after it, so a power loss leaves the o
 new one, never a renamed but empty one. Outputs get the mode the user's umask gives any new file
 (``0644`` under umask ``022``), not ``mkstemp``'s ``0600``. Temporaries are named
 ``.<name>.<random>.tmp<suffix>`` (:data:`TEMPORARY_GLOB`), so a killed run's leftovers can be
-found and removed (:func:`remove_temporaries`).
+found and removed (:func:`remove_temporaries`, under the folder's lock: :func:`filling_folder`).
 
 :func:`file_signature` is what caches and skipped validations compare to tell whether a source
 file changed.
@@ -19,6 +19,7 @@ import errno
 import gzip
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -31,6 +32,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: In a folder of predictions: ``{case_id: [scan paths]}`` of the scans they were made from
 #: (``segshare-predict`` writes it, one per shard; the evaluation reads it for its overlays).
@@ -41,6 +47,9 @@ TEMPORARY_GLOB = ".*.tmp*"
 SIGNATURE_WHOLE_BYTES = 2**20
 #: ... and a larger one's first and last this many bytes.
 SIGNATURE_EDGE_BYTES = 2**16
+#: The lock file of :func:`filling_folder`.
+LOCK_FILE = ".lock"
+log = logging.getLogger(__name__)
 
 
 class NiftiReadError(ValueError):
@@ -284,7 +293,8 @@ def atomic_target(path: Path, suffix: str) -> Iterator[Path]:
 def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporaries a killed writer left directly in ``folder`` (:data:`TEMPORARY_GLOB`).
 
-    Only safe while no other process writes into ``folder`` (callers hold its lock).
+    Only safe while no other process writes into ``folder`` (:func:`filling_folder` holds its
+    lock).
 
     Returns:
         The files removed.
@@ -295,6 +305,37 @@ def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
+
+
+@contextmanager
+def filling_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``folder``'s lock (``<folder>/.lock``, ``flock``) while filling it; on entry, delete
+    the temporaries a killed writer left there (:func:`remove_temporaries`).
+
+    A second process entering waits (with a warning) until the first leaves, so removing
+    leftovers never deletes a live writer's temporary: every writer into ``folder`` holds the lock.
+    Without ``fcntl`` (Windows) nothing is locked and leftovers are kept.
+
+    Yields:
+        ``folder`` (created when missing).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover - Windows
+        yield folder
+        return
+    with open(folder / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s: another run is filling this folder; waiting for it", folder)
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            for tmp in remove_temporaries(folder):
+                log.info("removed %s, left by an interrupted run", tmp)
+            yield folder
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:

@@ -16,7 +16,7 @@ from segshare.data.augment import AugmentSettings
 from segshare.data.cache import preprocess_dataset
 from segshare.data.discovery import Dataset, discover_dataset
 from segshare.data.fingerprint import build_fingerprint, make_plan
-from segshare.data.io import file_signature, read_json, write_json_atomic
+from segshare.data.io import file_signature, filling_folder, read_json, write_json_atomic
 from segshare.data.planner import PlannerSettings, plan_configurations
 from segshare.data.preprocessing import Plan
 from segshare.data.splits import get_split
@@ -154,7 +154,18 @@ def prepare_dataset(
         raise DatasetError(
             [Problem(str(settings.root), str(err).split(": ", 1)[-1])], settings.root
         ) from None
-    out = Path(str(settings.preprocessed_dir))
+    with filling_folder(settings.preprocessed_dir) as out:  # one preparer at a time
+        return _prepare(settings, dataset, out, progress, planner)
+
+
+def _prepare(
+    settings: DataSettings,
+    dataset: Dataset,
+    out: Path,
+    progress: bool,
+    planner: PlannerSettings | None,
+) -> PreparedData:
+    """:func:`prepare_dataset` once the dataset is discovered and ``out`` is locked."""
     # one signature per file, taken before anything reads it: validation's skip and the cache's
     # rebuild decisions both compare these (a file changed while it is read counts as changed)
     signatures = {str(p): file_signature(p) for p in dataset_files(dataset)}

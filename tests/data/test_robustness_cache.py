@@ -149,3 +149,17 @@ def test_a_second_run_waits_for_the_one_filling_the_cache_and_keeps_its_temporar
     second.join(30)
     assert not second.is_alive()
     assert not in_flight.exists()  # stale once its writer let go of the lock
+
+
+def test_stale_temporaries_beside_the_cache_are_removed_too(tmp_path):
+    settings = _settings(make_msd_dataset(tmp_path / "ds"), tmp_path / "pp")
+    prepared = prepare_dataset(settings, progress=False)
+    out = prepared.preprocessed_dir
+    leftovers = [
+        out / ".fingerprint.json.0a1b2c3d.tmp.json",
+        out / ".splits.json.9f8e7d6c.tmp.json",
+    ]
+    for path in leftovers:
+        path.write_bytes(b"")
+    prepare_dataset(settings, progress=False)
+    assert [p.name for p in leftovers if p.exists()] == []
