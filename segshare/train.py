@@ -5,7 +5,8 @@
 ``plan.json`` and ``run.json`` (the trained-run contract: preprocessing, window, channels,
 labels), ``config.yaml`` and ``parameters.json`` (the record), ``checkpoints/{latest,best}``,
 ``train_log.csv``, ``tensorboard/`` and ``validation/``. Running the same command on the same run
-folder resumes it.
+folder resumes it; a folder holding a trained run without a whole checkpoint to resume from is
+refused (``trainer.resume_from=best`` resumes from ``checkpoints/best``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare_dataset(data, settings.progress, planner=instantiate(cfg.plan))
     plan = prepared.plan
-    check_resumable(run_dir, plan)
+    check_resumable(run_dir, plan, settings.resume_from)  # before anything is written
     data, planned, slice_axis = planned_settings(plan, str(cfg.configuration), data, cfg.model)
     with strategy.scope():
         model = instantiate(

@@ -4,7 +4,9 @@ Keras 3 ``model.fit`` fails under ``MultiWorkerMirroredStrategy`` (keras-team/ke
 step is ours: ``strategy.run`` of a ``GradientTape`` step on a Keras model and optimizer. Every
 epoch ends with sliding-window validation on whole cases (per-case Dice, not patch pseudo-Dice),
 an atomic ``latest`` checkpoint, and the best model (by foreground-mean Dice) as ``model.keras``.
-Everything random is derived from ``(seed, epoch)``, so a resumed run continues exactly.
+Everything random is derived from ``(seed, epoch)``, so a resumed run continues exactly. A run
+resumes only from a whole, verified checkpoint (:mod:`segshare.training.run_folder`): a damaged
+one is refused, never silently replaced by a fresh start.
 """
 
 from __future__ import annotations
@@ -28,7 +30,18 @@ from segshare.data.pipeline import TrainingFeed
 from segshare.evaluation.overlap import overlap_metrics
 from segshare.inference.model_io import make_predict_fn, slice_predict_fn
 from segshare.inference.sliding_window import WindowSettings
-from segshare.training.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
+from segshare.training.checkpoints import (
+    OPTIMIZER,
+    STATE,
+    WEIGHTS,
+    load_checkpoint,
+    save_checkpoint,
+)
+from segshare.training.run_folder import (
+    RESUME_POINTS,
+    content_checksums,
+    resume_point,
+)
 from segshare.training.schedules import learning_rate_at
 from segshare.training.strategy import is_chief, resolve_jit_compile
 
@@ -62,6 +75,8 @@ class LoopSettings:
         deterministic: deterministic TensorFlow ops.
         seed: seed of every random step (weights, patches, augmentation).
         progress: show progress bars.
+        resume_from: the checkpoint an existing run folder resumes from: ``latest`` or ``best``
+            (rolls the run back to its best epoch, e.g. when ``latest`` is damaged).
     """
 
     max_epochs: int
@@ -80,8 +95,13 @@ class LoopSettings:
     deterministic: bool
     seed: int
     progress: bool
+    resume_from: str
 
     def __post_init__(self) -> None:
+        if self.resume_from not in RESUME_POINTS:
+            raise ValueError(
+                f"trainer.resume_from must be 'latest' or 'best', got {self.resume_from!r}."
+            )
         if self.budget_minutes is not None and not float(self.budget_minutes) > 0:
             raise ValueError(
                 f"trainer.budget_minutes must be > 0 (or null), got {self.budget_minutes!r}."
@@ -199,16 +219,46 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------
     def _restore(self) -> tuple[int, float]:
-        found = find_checkpoint(self.ckpt_dir / "latest")
+        found = resume_point(self.run_dir, self.s.resume_from)  # raises when damaged
         if found is None:
             return 0, -math.inf
-        state = load_checkpoint(found, self.model, self.optimizer)
+        state = self._load_verified(found)
         if self.s.budget_minutes is not None and state.get("max_epochs"):
             self.max_epochs = int(state["max_epochs"])  # the budget's epochs, fixed in epoch 0
         epoch = int(state["epoch"]) + 1
         self._truncate_log(epoch)
         print(f"Resuming from {found} at epoch {epoch} (best foreground Dice {state['best']:.4f}).")
         return epoch, float(state["best"])
+
+    def _load_verified(self, folder: Path) -> dict:
+        """Load a checkpoint into the model and optimizer, then compare what was read with the
+        checksums its ``state.json`` recorded.
+
+        Raises:
+            ValueError: naming the file that cannot be loaded or does not match.
+        """
+        way_out = (
+            "resume with trainer.resume_from=best, or train into a new folder"
+            if self.s.resume_from == "latest"
+            else "train into a new folder"
+        )
+        try:
+            state = load_checkpoint(folder, self.model, self.optimizer)
+        except Exception as err:  # Keras and h5py raise many types for a broken checkpoint
+            reason = " ".join(str(err).split())
+            raise ValueError(f"{folder}: cannot be loaded ({reason}); {way_out}.") from err
+        recorded = state.get("checksums")
+        if not recorded:
+            print(f"{folder}: written without checksums (older segshare); not verified.")
+            return state
+        actual = content_checksums(self.model, self.optimizer)
+        for name in (WEIGHTS, OPTIMIZER):
+            if recorded.get(name) != actual[name]:
+                raise ValueError(
+                    f"{folder / name}: damaged (what it holds does not match the checksum in "
+                    f"{folder / STATE}); {way_out}."
+                )
+        return state
 
     def _truncate_log(self, next_epoch: int) -> None:
         if not self.log_path.exists() or not self.chief:
@@ -355,4 +405,5 @@ class Trainer:
             "seed": self.s.seed,
             "max_epochs": self.max_epochs,
             "rng": {"keras_seed": self.s.seed + epoch, "data_seed": [self.s.seed, epoch]},
+            "checksums": content_checksums(self.model, self.optimizer),
         }

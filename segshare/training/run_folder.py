@@ -1,32 +1,158 @@
 """A training run's folder before the loop starts: the files later consumers read (the trained-run
-contract), and the check that resuming the folder is safe.
+contract), and the checks that resuming the folder is safe.
 
 ``plan.json`` and ``run.json`` (see :mod:`segshare.inference.trained_run`) are the contract;
 ``parameters.json`` (the parameter report) and ``config.yaml`` (the composed config, for people:
 nothing reads it back) are the record.
+
+Resuming: a run folder resumes from ``checkpoints/latest`` (or, with ``trainer.resume_from=best``,
+from ``checkpoints/best``). A folder that holds a trained run (a log, a model or a checkpoint) but
+no whole checkpoint to resume from is refused, naming the missing or damaged file: starting over
+there would append epoch 0 to the old log and overwrite the best model with a worse one. Each
+checkpoint's ``state.json`` records the sha256 of the weights and optimizer variables it holds
+(:func:`content_checksums`), compared once they are read back, before training goes on.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from segshare.data.io import write_json_atomic, write_text_atomic
 from segshare.data.preprocessing import Plan
 from segshare.inference.trained_run import PLAN_FILE, write_run_info
-from segshare.training.checkpoints import find_checkpoint
+from segshare.training.checkpoints import OPTIMIZER, STATE, WEIGHTS, find_checkpoint
+
+#: The checkpoints a run can resume from (``trainer.resume_from``).
+RESUME_POINTS = ("latest", "best")
+#: What shows that a run folder holds a trained run.
+RUN_TRACES = ("train_log.csv", "model.keras", "checkpoints/latest", "checkpoints/best")
 
 
-def check_resumable(run_dir: Path, plan: Plan) -> None:
-    """Refuse to resume a run whose checkpoint was trained on another preprocessing plan (the
-    network configurations planned beside it may change: the run's model is what it is).
+def _way_out(resume_from: str) -> str:
+    if resume_from == "latest":
+        return (
+            "Resume from the best checkpoint with trainer.resume_from=best, or train into a new "
+            "folder (hydra.run.dir=...)."
+        )
+    return "Train into a new folder (hydra.run.dir=...), or resume with trainer.resume_from=latest."
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def content_checksums(model: Any, optimizer: Any) -> dict[str, str]:
+    """The sha256 of what a checkpoint holds: the model's weights (``model.weights.h5``) and the
+    optimizer's variables (``optimizer.npz``), each in order with its dtype and shape."""
+    return {WEIGHTS: _sha256(model.weights), OPTIMIZER: _sha256(optimizer.variables)}
+
+
+def _sha256(variables: Iterable[Any]) -> str:
+    import keras
+
+    digest = hashlib.sha256()
+    for variable in variables:
+        array = np.ascontiguousarray(keras.ops.convert_to_numpy(variable))
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def check_checkpoint_files(folder: Path, resume_from: str = "latest") -> dict:
+    """Open a checkpoint's files without loading them: ``state.json`` parses and holds the
+    epoch, the weights open as HDF5, the optimizer's archive passes its CRC checks.
+
+    Returns:
+        The saved state.
 
     Raises:
-        ValueError: naming the run's ``plan.json`` and the settings that differ.
+        ValueError: naming the damaged file and the way out (one line).
     """
+    folder = Path(folder)
+
+    def damaged(name: str, reason: str) -> ValueError:
+        return ValueError(
+            f"{folder / name}: damaged ({reason}); this run cannot resume from "
+            f"{folder}. {_way_out(resume_from)}"
+        )
+
+    try:
+        state = json.loads((folder / STATE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise damaged(STATE, f"not valid JSON: {_one_line(err)}") from err
+    if not isinstance(state, dict) or not {"epoch", "best"} <= state.keys():
+        raise damaged(STATE, "no 'epoch' and 'best' in it")
+    import h5py
+
+    try:
+        h5py.File(folder / WEIGHTS, "r").close()
+    except Exception as err:  # h5py raises OSError, sometimes others, for a broken file
+        raise damaged(WEIGHTS, _one_line(err)) from err
+    try:
+        with zipfile.ZipFile(folder / OPTIMIZER) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise damaged(OPTIMIZER, _one_line(err)) from err
+    if bad is not None:
+        raise damaged(OPTIMIZER, f"CRC check failed for {bad}")
+    return state
+
+
+def resume_point(run_dir: Path, resume_from: str = "latest") -> Path | None:
+    """The checkpoint a run folder resumes from, its files checked
+    (:func:`check_checkpoint_files`); ``None`` for a folder without a trained run.
+
+    Args:
+        run_dir: the run folder.
+        resume_from: ``latest`` or ``best`` (``trainer.resume_from``).
+
+    Raises:
+        ValueError: the folder holds a trained run (``train_log.csv``, ``model.keras`` or a
+            checkpoint) but the checkpoint to resume from is missing or damaged; the message
+            names the file and the way out.
+    """
+    if resume_from not in RESUME_POINTS:
+        raise ValueError(f"trainer.resume_from must be 'latest' or 'best', got {resume_from!r}.")
+    run_dir = Path(run_dir)
+    folder = run_dir / "checkpoints" / resume_from
+    found = find_checkpoint(folder)
+    if found is not None:
+        check_checkpoint_files(found, resume_from)
+        return found
+    traces = [name for name in RUN_TRACES if (run_dir / name).exists()]
+    if not traces:
+        return None
+    missing = folder
+    if folder.is_dir():
+        missing = next(
+            folder / n for n in (STATE, WEIGHTS, OPTIMIZER) if not (folder / n).is_file()
+        )
+    raise ValueError(
+        f"{missing}: missing, so {run_dir} cannot be resumed, yet it holds a trained run "
+        f"({', '.join(traces)}) that starting over would overwrite. {_way_out(resume_from)}"
+    )
+
+
+def check_resumable(run_dir: Path, plan: Plan, resume_from: str = "latest") -> Path | None:
+    """The checkpoint to resume from (:func:`resume_point`; ``None``: a fresh run), after
+    refusing a run whose checkpoint was trained on another preprocessing plan (the network
+    configurations planned beside it may change: the run's model is what it is).
+
+    Raises:
+        ValueError: the checkpoint is missing or damaged (:func:`resume_point`), or the
+            preprocessing differs (naming the run's ``plan.json`` and the settings).
+    """
+    found = resume_point(run_dir, resume_from)
     saved = Path(run_dir) / PLAN_FILE
-    if not saved.is_file() or find_checkpoint(Path(run_dir) / "checkpoints" / "latest") is None:
-        return
+    if found is None or not saved.is_file():
+        return found
     old, new = Plan.load(saved).preprocessing_dict(), plan.preprocessing_dict()
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
@@ -36,6 +162,7 @@ def check_resumable(run_dir: Path, plan: Plan) -> None:
             f"({details}). Resume with the run's data settings (e.g. data.target_spacing), or "
             f"train into a new hydra.run.dir."
         )
+    return found
 
 
 def write_run_files(
