@@ -46,7 +46,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare_dataset(data, settings.progress, planner=instantiate(cfg.plan))
     plan = prepared.plan
-    check_resumable(run_dir, plan, settings.resume_from)  # before anything is written
+    check_resumable(run_dir, plan, settings.resume_from)  # before the run folder is written
     data, planned, slice_axis = planned_settings(plan, str(cfg.configuration), data, cfg.model)
     with strategy.scope():
         model = instantiate(

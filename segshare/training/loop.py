@@ -37,11 +37,7 @@ from segshare.training.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from segshare.training.run_folder import (
-    RESUME_POINTS,
-    content_checksums,
-    resume_point,
-)
+from segshare.training.run_folder import RESUME_POINTS, content_checksums, resume_point, way_out
 from segshare.training.schedules import learning_rate_at
 from segshare.training.strategy import is_chief, resolve_jit_compile
 
@@ -237,16 +233,12 @@ class Trainer:
         Raises:
             ValueError: naming the file that cannot be loaded or does not match.
         """
-        way_out = (
-            "resume with trainer.resume_from=best, or train into a new folder"
-            if self.s.resume_from == "latest"
-            else "train into a new folder"
-        )
+        advice = way_out(self.s.resume_from)
         try:
             state = load_checkpoint(folder, self.model, self.optimizer)
         except Exception as err:  # Keras and h5py raise many types for a broken checkpoint
             reason = " ".join(str(err).split())
-            raise ValueError(f"{folder}: cannot be loaded ({reason}); {way_out}.") from err
+            raise ValueError(f"{folder}: cannot be loaded ({reason}). {advice}") from err
         recorded = state.get("checksums")
         if not recorded:
             print(f"{folder}: written without checksums (older segshare); not verified.")
@@ -256,7 +248,7 @@ class Trainer:
             if recorded.get(name) != actual[name]:
                 raise ValueError(
                     f"{folder / name}: damaged (what it holds does not match the checksum in "
-                    f"{folder / STATE}); {way_out}."
+                    f"{folder / STATE}). {advice}"
                 )
         return state
 

@@ -35,7 +35,8 @@ RESUME_POINTS = ("latest", "best")
 RUN_TRACES = ("train_log.csv", "model.keras", "checkpoints/latest", "checkpoints/best")
 
 
-def _way_out(resume_from: str) -> str:
+def way_out(resume_from: str) -> str:
+    """What to do when the checkpoint ``resume_from`` cannot be resumed from (one sentence)."""
     if resume_from == "latest":
         return (
             "Resume from the best checkpoint with trainer.resume_from=best, or train into a new "
@@ -80,7 +81,7 @@ def check_checkpoint_files(folder: Path, resume_from: str = "latest") -> dict:
     def damaged(name: str, reason: str) -> ValueError:
         return ValueError(
             f"{folder / name}: damaged ({reason}); this run cannot resume from "
-            f"{folder}. {_way_out(resume_from)}"
+            f"{folder}. {way_out(resume_from)}"
         )
 
     try:
@@ -129,14 +130,11 @@ def resume_point(run_dir: Path, resume_from: str = "latest") -> Path | None:
     traces = [name for name in RUN_TRACES if (run_dir / name).exists()]
     if not traces:
         return None
-    missing = folder
-    if folder.is_dir():
-        missing = next(
-            folder / n for n in (STATE, WEIGHTS, OPTIMIZER) if not (folder / n).is_file()
-        )
+    files = [folder / n for n in (STATE, WEIGHTS, OPTIMIZER)] if folder.is_dir() else []
+    missing = next((f for f in files if not f.is_file()), folder)
     raise ValueError(
         f"{missing}: missing, so {run_dir} cannot be resumed, yet it holds a trained run "
-        f"({', '.join(traces)}) that starting over would overwrite. {_way_out(resume_from)}"
+        f"({', '.join(traces)}) that starting over would overwrite. {way_out(resume_from)}"
     )
 
 
