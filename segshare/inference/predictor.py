@@ -217,7 +217,8 @@ class Predictor:
         if case.problem:
             raise ValueError(f"{case.images[0]}: {case.problem}")
         problems: list = []
-        opened = open_headers(case, self.max_voxels, problems)  # headers only
+        # headers only
+        opened = open_headers(case, self.max_voxels, problems, setting="inference.max_voxels")
         if not problems:
             check_geometry(opened, 1e-3, problems)
         if problems:

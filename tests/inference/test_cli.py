@@ -120,6 +120,7 @@ def test_sigkill_then_rerun_does_only_the_missing_cases(tmp_path, run_dir, scans
     assert sorted(p.name for p in out.iterdir()) == [
         *(f"{c}.nii.gz" for c in "abcde"),
         "failures.json",
+        "inputs.json",
     ]
     for c in "abcde":
         shape = nib.load(str(scans / f"{c}.nii.gz")).shape

@@ -122,6 +122,7 @@ def test_bad_inputs_do_not_stop_the_batch(run_dir, tmp_path, compose_cfg):
     assert sorted(p.name for p in out.iterdir()) == [
         "a_good.nii.gz",
         "failures.json",
+        "inputs.json",
         "z_good.nii.gz",
     ]
 

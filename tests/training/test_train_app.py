@@ -168,7 +168,8 @@ def test_raising_max_epochs_extends_a_finished_run(make_cfg, tmp_path, capsys):
     assert "Resuming" in capsys.readouterr().out
     rows = _log(tmp_path / "run")
     assert [r["epoch"] for r in rows] == ["0", "1"]
-    assert float(rows[1]["lr"]) == pytest.approx(0.01 * 0.5**0.9)  # the extended schedule
+    lr = float(rows[0]["lr"])  # the optimizer's learning rate (epoch 0 of poly decay)
+    assert float(rows[1]["lr"]) == pytest.approx(lr * 0.5**0.9)  # the extended schedule
 
 
 def test_resume_with_another_preprocessing_plan_is_refused(make_cfg, tmp_path):
