@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from importlib import metadata
 
 import numpy as np
+from benchlib import cpu_model
 from scipy import ndimage
 
 from segshare.evaluation.postprocessing import keep_largest_component
@@ -34,25 +33,6 @@ BLOBS = (
     (3, (0.70, 0.70, 0.45), (0.08, 0.07, 0.10)),
     (1, (0.25, 0.75, 0.60), (0.10, 0.08, 0.07)),
 )
-
-
-def cpu_model() -> str:
-    """The CPU model name from ``/proc/cpuinfo`` (else ``lscpu``, else ``platform``)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_volume(shape: tuple[int, int, int], islands: int, seed: int = 0) -> np.ndarray:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -26,22 +25,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from benchlib import cpu_model
 
 from segshare.data import io
 
 SHAPE = (36, 50, 35)
-
-
-def cpu_model() -> str:
-    """The CPU model name from ``/proc/cpuinfo`` (else ``platform``)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def file_system(path: Path) -> str:
