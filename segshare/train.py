@@ -31,7 +31,7 @@ from segshare.data.preprocessing import Plan
 from segshare.data.validation import DatasetError
 from segshare.models import check_patch_size, format_parameter_report, parameter_report
 from segshare.training.loop import Trainer, TrainingDiverged
-from segshare.training.run_folder import check_resumable, write_run_files
+from segshare.training.run_folder import check_resumable, check_same_training, write_run_files
 from segshare.training.strategy import configure_runtime, is_chief, make_strategy, with_loss_scaling
 from segshare.training.validation import evaluate_fold
 
@@ -46,8 +46,22 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare_dataset(data, settings.progress, planner=instantiate(cfg.plan))
     plan = prepared.plan
-    check_resumable(run_dir, plan, settings.resume_from)  # before the run folder is written
+    resuming = check_resumable(run_dir, plan, settings.resume_from)  # before anything is written
     data, planned, slice_axis = planned_settings(plan, str(cfg.configuration), data, cfg.model)
+    split = {
+        "fold": data.fold,
+        "num_folds": int(data.num_folds),
+        "train_cases": list(prepared.train_ids),
+        "validation_cases": list(prepared.val_ids),
+    }
+    network = {
+        "configuration": str(cfg.configuration),
+        "patch_size": list(data.patch_size),
+        "batch_size": int(data.batch_size),
+        **planned,
+    }
+    if resuming is not None:
+        check_same_training(run_dir, split, network)
     with strategy.scope():
         model = instantiate(
             cfg.model, in_channels=plan.in_channels, num_classes=plan.num_classes, **planned
@@ -62,15 +76,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     )
     if is_chief(strategy):
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-        split = {
-            "fold": data.fold,
-            "num_folds": int(data.num_folds),
-            "train_cases": list(prepared.train_ids),
-            "validation_cases": list(prepared.val_ids),
-        }
         write_run_files(
             run_dir, plan, feed.patch_size, report, config_yaml, cfg.configuration, slice_axis,
-            split,
+            split, network,
         )  # fmt: skip
     loss = instantiate(cfg.loss)
     trainer = Trainer(model, optimizer, loss, feed, run_dir, settings, window, strategy=strategy)

@@ -42,6 +42,7 @@ def write_run_info(
     patch_size: Sequence[int],
     slice_axis: int | None = None,
     split: dict[str, Any] | None = None,
+    network: dict[str, Any] | None = None,
     **trained_with: Any,
 ) -> Path:
     """Write ``run.json`` into a run folder (atomically).
@@ -54,6 +55,8 @@ def write_run_info(
         slice_axis: for a 2D network, the (RAS) volume axis its slices are taken across.
         split: the cross-validation split it was trained on: ``fold``, ``num_folds``,
             ``train_cases`` and ``validation_cases`` (case ids), for merging folds.
+        network: what was trained: configuration, patch and batch, and the model's planned
+            arguments (widths, blocks, kernels, strides); a resume must match it.
         trained_with: provenance to record (sharing scheme, precision, versions, ...).
     """
     import keras
@@ -70,6 +73,7 @@ def write_run_info(
         "num_classes": plan.num_classes,
         "labels": dict(plan.labels),
         "split": split,
+        "network": network,
         "trained_with": {
             "segshare": __version__,
             "keras": keras.__version__,

@@ -26,7 +26,7 @@ import numpy as np
 
 from segshare.data.io import write_json_atomic, write_text_atomic
 from segshare.data.preprocessing import Plan
-from segshare.inference.trained_run import PLAN_FILE, write_run_info
+from segshare.inference.trained_run import PLAN_FILE, RUN_FILE, write_run_info
 from segshare.training.checkpoints import OPTIMIZER, STATE, WEIGHTS, find_checkpoint
 
 #: The checkpoints a run can resume from (``trainer.resume_from``).
@@ -163,6 +163,47 @@ def check_resumable(run_dir: Path, plan: Plan, resume_from: str = "latest") -> P
     return found
 
 
+#: The keys of ``run.json``'s ``split`` a resume must keep (the training cases follow from them).
+SPLIT_KEYS = ("fold", "num_folds", "validation_cases")
+
+
+def _brief(value: Any) -> Any:
+    """A long list (of case ids) as its length, for messages."""
+    return f"{len(value)} cases" if isinstance(value, list) and len(value) > 8 else value
+
+
+def check_same_training(run_dir: Path, split: dict[str, Any], network: dict[str, Any]) -> None:
+    """Refuse to resume a run with another fold or another network than it was trained with
+    (``run.json``'s ``split`` and ``network``; runs that did not record them are not checked).
+
+    Resuming fold 0's run as fold 1 would validate on cases it trained on; resuming with other
+    widths, patch or batch (e.g. a plan made on another device, or changed defaults) would not
+    load, or would silently continue another experiment.
+
+    Raises:
+        ValueError: naming ``run.json``, each differing setting and both values.
+    """
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return
+    info = json.loads(path.read_text())
+    new = json.loads(json.dumps({"split": split, "network": network}))
+    for key, wanted in (("split", SPLIT_KEYS), ("network", None)):
+        old = info.get(key) if isinstance(info, dict) else None
+        if not isinstance(old, dict):
+            continue
+        keys = wanted or sorted(set(old) | set(new[key]))
+        changed = [k for k in keys if old.get(k) != new[key].get(k)]
+        if changed:
+            details = "; ".join(
+                f"{k}: {_brief(old.get(k))!r} -> {_brief(new[key].get(k))!r}" for k in changed
+            )
+            raise ValueError(
+                f"{path}: this run was trained with another {key} ({details}). Resume it with "
+                f"its own settings, or train into a new hydra.run.dir."
+            )
+
+
 def write_run_files(
     run_dir: Path,
     plan: Plan,
@@ -172,6 +213,7 @@ def write_run_files(
     configuration: str | None = None,
     slice_axis: int | None = None,
     split: dict[str, Any] | None = None,
+    network: dict[str, Any] | None = None,
 ) -> None:
     """Write ``plan.json``, ``run.json``, ``parameters.json`` and ``config.yaml`` (atomically).
 
@@ -184,6 +226,8 @@ def write_run_files(
         configuration: the planned configuration trained (``3d_fullres``, ...), if any.
         slice_axis: for a 2D network, the volume axis its slices are taken across.
         split: the fold and its case ids (``run.json``'s ``split``).
+        network: configuration, patch, batch and planned model arguments (``run.json``'s
+            ``network``).
     """
     run_dir = Path(run_dir)
     plan.save(run_dir / PLAN_FILE)
@@ -193,6 +237,7 @@ def write_run_files(
         patch_size,
         slice_axis,
         split,
+        network,
         sharing=parameters.get("sharing"),
         configuration=configuration,
     )

@@ -107,3 +107,19 @@ def test_a_run_folder_with_a_log_but_no_checkpoint_is_refused(trained, make_cfg)
 def test_resume_from_must_be_latest_or_best(make_cfg, tmp_path):
     with pytest.raises(ValueError, match=r"trainer.resume_from must be 'latest' or 'best'"):
         train(make_cfg("trainer.resume_from=last", run_dir=tmp_path / "r"))
+
+
+def test_a_run_is_never_resumed_as_another_fold_or_another_network(make_cfg, tmp_path):
+    """Resuming fold 0's run as fold 1 would validate on its own training cases; resuming it
+    with other widths (another device's plan, changed defaults) would be another experiment."""
+    run = tmp_path / "run"
+    train(make_cfg("trainer.max_epochs=1", run_dir=run))
+    before = _snapshot(run)
+    with pytest.raises(ValueError, match=r"run.json: this run was trained with another split "
+                                         r"\(fold: 0 -> 1"):  # fmt: skip
+        train(make_cfg("trainer.max_epochs=2", "data.fold=1", run_dir=run))
+    with pytest.raises(ValueError, match=r"another network \(features: \[4, 8\] -> \[8, 16\]"):
+        train(make_cfg("trainer.max_epochs=2", "model.features=[8,16]", run_dir=run))
+    assert _snapshot(run) == before  # nothing written
+    info = json.loads((run / "run.json").read_text())
+    assert info["network"]["features"] == [4, 8] and info["network"]["batch_size"] == 2
