@@ -153,10 +153,13 @@ class EnsemblePredictor:
         for (predictor, members), (image, props) in zip(self.groups, loaded, strict=True):
             probs = predictor.predict_array(image)
             for k in range(probs.shape[-1]):  # one class on the scan's grid at a time
-                restored = restore_to_original(probs[..., k : k + 1], props, is_label=False)
+                # Uncropping fills a restored array's channel 0 with 1.0 (background): right for
+                # class 0; for class k > 0 restore 1 - p_k (linear), so that p_k is 0 there.
+                one = probs[..., k : k + 1] if k == 0 else 1.0 - probs[..., k : k + 1]
+                restored = restore_to_original(one, props, is_label=False)[..., 0]
                 if total is None:
-                    total = np.zeros((*restored.shape[:3], probs.shape[-1]), np.float32)
-                total[..., k] += members * restored[..., 0]
+                    total = np.zeros((*restored.shape, probs.shape[-1]), np.float32)
+                total[..., k] += members * (restored if k == 0 else 1.0 - restored)
             weights += members
             del probs
         total /= weights

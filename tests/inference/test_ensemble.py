@@ -29,8 +29,12 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scan(tmp_path_factory):
+    """A scan with a zero border, so preprocessing crops it (probabilities outside the crop box
+    are restored as background)."""
     folder = tmp_path_factory.mktemp("scans")
-    return write_scan(folder / "case.nii.gz", random_scan((20, 18, 22)), np.eye(4))
+    data = np.zeros((20, 18, 22))
+    data[3:17, 2:16, 4:19] = random_scan((14, 14, 15))
+    return write_scan(folder / "case.nii.gz", data, np.eye(4))
 
 
 def _probabilities(model_path, scan, out):
@@ -54,6 +58,8 @@ def test_an_ensemble_is_the_mean_of_its_members_probabilities(runs, scan, tmp_pa
     np.testing.assert_allclose(got, expected, atol=2e-5)
     assert not np.allclose(singles[0], singles[1], atol=1e-3)  # the members differ
     np.testing.assert_array_equal(labels, got.argmax(-1))
+    np.testing.assert_allclose(got[0, 0, 0], [1.0, 0.0], atol=1e-6)  # outside the crop box
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
 
 
 def test_members_sharing_a_plan_share_one_window_function(runs):
