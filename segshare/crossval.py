@@ -44,7 +44,8 @@ def run(cfg: DictConfig) -> dict:
             raise ValueError(
                 "give runs=[...] (one configuration) or runs_by_config={...}, not both."
             )
-        by_config = OmegaConf.to_container(cfg.runs_by_config)
+        given = cfg.runs_by_config
+        by_config = OmegaConf.to_container(given) if OmegaConf.is_config(given) else given
         if not isinstance(by_config, dict) or not all(
             isinstance(v, list) and v for v in by_config.values()
         ):

@@ -7,8 +7,10 @@
         hydra/launcher=joblib
 
 ``run(cfg)`` is the testable function; ``main()`` is the thin Hydra entry point. Exit status: 0 when
-every case was predicted (or already existed, or is being predicted by another run into the same
-folder), 1 when any case failed (all good cases are still written; the failures are printed, then
+every case was predicted (or already existed), 1 when any case failed, or is still being
+predicted by another run into the same folder (its output is not there yet: rerun once that run
+has finished; a lock left by a run killed on another host counts as abandoned after 10 minutes),
+or (all good cases are still written; the failures are printed, then
 saved in ``output/failures.json``) or that list could not be written (a full disk), 2 on a setup
 error (bad ``model_path``, ``input`` or option, two scans of one case id, an output folder that
 cannot be made).
@@ -119,12 +121,25 @@ def main(cfg: DictConfig) -> None:
     # a folder or model that cannot be read or made (OSError) is a setup error too
     with exit_on_user_error("segshare-predict", [((*USER_ERRORS, OSError), 2)]):
         report = run(cfg, on_finished=lambda r: _print_report(r, str(cfg.output)))
+    status = finish(report)
+    # In a multirun the other shards go on; FailuresCallback sets the exit status at the end.
+    if status and HydraConfig.get().mode != RunMode.MULTIRUN:
+        raise SystemExit(status)
+
+
+def finish(report: PredictReport) -> int:
+    """Print what was not written (a record, or a case another run still holds) to stderr;
+    return the exit status: 1 when a case failed, a record was not written or a case is still
+    being predicted by another run (its output is not there yet), else 0."""
     for line in report.not_written:
         print(f"segshare-predict: error: {line}", file=sys.stderr)
-    # In a multirun the other shards go on; FailuresCallback sets the exit status at the end.
-    failed = report.failed or report.not_written
-    if failed and HydraConfig.get().mode != RunMode.MULTIRUN:
-        raise SystemExit(1)
+    if report.busy:
+        print(
+            f"segshare-predict: {len(report.busy)} case(s) not written yet, being predicted by "
+            f"another run ({', '.join(report.busy[:5])}); rerun when it has finished.",
+            file=sys.stderr,
+        )
+    return 1 if report.failed or report.not_written or report.busy else 0
 
 
 class FailuresCallback(Callback):

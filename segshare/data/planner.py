@@ -326,9 +326,14 @@ def plan_configuration(
         divisor = [math.prod(st[a] for st in net[0]) for a in range(len(patch))]
         axis = int(np.argmax([p / m for p, m in zip(patch, median, strict=True)]))
         if patch[axis] - divisor[axis] < 2 * MIN_FEATURE_MAP:
+            lower = (
+                "lower plan.base_features"
+                if base > MIN_BASE_FEATURES
+                else f"the widths are at their minimum ({MIN_BASE_FEATURES})"
+            )
             raise ValueError(
                 f"{name}: {setting} does not fit a batch of 2 patches of {net[2]} voxels "
-                f"(estimated {estimate}); raise it or lower plan.base_features."
+                f"(estimated {estimate}); raise it ({lower})."
             )
         patch[axis] -= divisor[axis]
         return layout(patch, base)

@@ -21,6 +21,7 @@ cross-validation on its own first).
 from __future__ import annotations
 
 import itertools
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,8 +30,11 @@ import numpy as np
 from segshare.data.io import atomic_folder, save_nifti_atomic, write_json_atomic
 from segshare.data.parallel import default_num_workers, parallel_map
 from segshare.evaluation.crossval import (
+    POSTPROCESSED_DIR,
+    POSTPROCESSING_FILE,
     FoldRun,
     check_folds,
+    link_folder,
     merge_folds,
     postprocess_merge,
 )
@@ -93,14 +97,16 @@ def _ensemble(
     probabilities: Mapping[str, dict[str, Path]],
     merged: Path,
     folder: Path,
+    labels: list[int],
     num_workers: int,
     progress: bool,
 ) -> dict:
     """Out-of-fold ensemble of ``names`` into ``folder`` (predictions, references, report)."""
-    import shutil
 
     cases = sorted(probabilities[names[0]])
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / POSTPROCESSING_FILE).unlink(missing_ok=True)  # decided anew if this one is best
+    shutil.rmtree(folder / POSTPROCESSED_DIR, ignore_errors=True)
     with atomic_folder(folder / "predictions") as tmp:
         jobs = [
             (c, [probabilities[n][c] for n in names], merged / "predictions" / f"{c}.nii.gz", tmp)
@@ -108,14 +114,15 @@ def _ensemble(
         ]
         for _ in parallel_map(_ensemble_case, jobs, num_workers, "ensemble", progress):
             pass
-    with atomic_folder(folder / "references") as tmp:
-        for c in cases:
-            (tmp / f"{c}.nii.gz").symlink_to((merged / "references" / f"{c}.nii.gz").resolve())
+    link_folder(
+        folder / "references", {f"{c}.nii.gz": merged / "references" / f"{c}.nii.gz" for c in cases}
+    )
     shutil.copyfile(merged / "dataset.json", folder / "dataset.json")
     return evaluate_folders(
         folder / "predictions",
         folder / "references",
         folder,
+        labels=labels,
         num_workers=num_workers,
         dataset_json=folder / "dataset.json",
         progress=progress,
@@ -151,8 +158,19 @@ def find_best_configuration(
         )
     output = Path(output)
     workers = default_num_workers() if num_workers is None else int(num_workers)
-    folds = {name: check_folds(runs) for name, runs in runs_by_config.items()}
+    folds = {}
+    for name, runs in runs_by_config.items():
+        try:
+            folds[name] = check_folds(runs)
+        except ValueError as err:
+            raise ValueError(f"configuration {name!r}: {err}") from None
     first = next(iter(folds))
+    counts = {name: len(f) for name, f in folds.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(
+            f"configurations have different numbers of folds ({counts}): their ensembles would "
+            f"weigh them unequally; compare configurations of one split."
+        )
     for name, fold_runs in folds.items():
         cases = set().union(*(f.predictions for f in fold_runs))
         reference = set().union(*(f.predictions for f in folds[first]))
@@ -169,17 +187,18 @@ def find_best_configuration(
         scores[name] = summary["foreground_mean"].get("Dice", float("nan"))
         members[name] = [name]
     probabilities = {name: _probabilities(folds[name], name) for name in folds}
+    labels = sorted(v for v in folds[first][0].run.plan.labels.values() if v != 0)
     for a, b in itertools.combinations(folds, 2):
         key = f"{a}+{b}"
         summary = _ensemble(
-            (a, b), probabilities, output / a, output / ENSEMBLES_DIR / key, workers, progress
-        )
+            (a, b), probabilities, output / a, output / ENSEMBLES_DIR / key, labels, workers,
+            progress,
+        )  # fmt: skip
         scores[key] = summary["foreground_mean"].get("Dice", float("nan"))
         members[key] = [a, b]
     ranking = sorted(scores, key=lambda k: -np.nan_to_num(scores[k], nan=-1.0))
     best = ranking[0]
     best_dir = output / best if len(members[best]) == 1 else output / ENSEMBLES_DIR / best
-    labels = sorted(v for v in folds[first][0].run.plan.labels.values() if v != 0)
     post = postprocess_merge(best_dir, labels, best_dir / "dataset.json", workers, progress)
     runs = [str(f.folder) for name in members[best] for f in folds[name]]
     command = (

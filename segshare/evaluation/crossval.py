@@ -233,8 +233,13 @@ def check_folds(runs: Sequence[str | Path]) -> list[FoldRun]:
     return sorted(folds, key=lambda f: f.fold)
 
 
+#: Marks a folder as a merge of segshare-crossval (only such a folder's predictions/ are replaced).
+MERGE_MARKER = ".segshare-crossval"
+
+
 def _check_output(output: Path, folds: Sequence[FoldRun]) -> None:
-    """Refuse a merge folder that is a run (or its validation folder) or holds one."""
+    """Refuse a merge folder that is a run (or its validation folder) or holds one, or that holds
+    ``predictions/`` or ``references/`` a merge did not write (they would be replaced)."""
     out = output.resolve()
     for f in folds:
         run = f.folder.resolve()
@@ -243,9 +248,16 @@ def _check_output(output: Path, folds: Sequence[FoldRun]) -> None:
             raise ValueError(
                 f"output={str(output)!r}: overlaps the run {f.folder}; use a folder of its own."
             )
+    if not (output / MERGE_MARKER).is_file():
+        for sub in ("predictions", "references"):
+            if (output / sub).exists():
+                raise ValueError(
+                    f"output={str(output)!r} already holds {sub}/ that segshare-crossval did not "
+                    f"write (it would be replaced); use a folder of its own."
+                )
 
 
-def _link_folder(folder: Path, files: dict[str, Path]) -> None:
+def link_folder(folder: Path, files: dict[str, Path]) -> None:
     """Swap in a folder of links ``name -> file`` (copies where linking fails)."""
     with atomic_folder(folder) as tmp:
         for name, src in files.items():
@@ -317,10 +329,11 @@ def merge_folds(
     output = Path(output)
     _check_output(output, folds)
     output.mkdir(parents=True, exist_ok=True)
+    (output / MERGE_MARKER).touch()
     (output / FOLDS_FILE).unlink(missing_ok=True)  # written last: marks a finished merge
     for kind in ("predictions", "references"):
         files = {p.name: p for fold in folds for p in getattr(fold, kind).values()}
-        _link_folder(output / kind, files)
+        link_folder(output / kind, files)
     scans = {}  # the folds' recorded scans, so that the merged report shows overlays
     for fold in folds:
         scans.update(recorded_inputs(fold.folder / "validation" / "predictions"))
@@ -343,6 +356,9 @@ def merge_folds(
     if postprocessing:
         scored = sorted(v for v in labels.values() if v != 0)
         results["postprocessing"] = postprocess_merge(output, scored, names, num_workers, progress)
+    else:  # a decision of an earlier merge must not outlive it
+        (output / POSTPROCESSING_FILE).unlink(missing_ok=True)
+        shutil.rmtree(output / POSTPROCESSED_DIR, ignore_errors=True)
     write_json_atomic(results, output / FOLDS_FILE)
     return {**summary, "folds": results}
 

@@ -59,7 +59,10 @@ class CaseClaims:
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                if not self._abandoned(path):
+                abandoned = self._abandoned(path)
+                if abandoned is None:
+                    continue  # released meanwhile: create it anew (never unlink a fresh lock)
+                if not abandoned:
                     return False
                 path.unlink(missing_ok=True)  # taken over
                 continue
@@ -80,12 +83,13 @@ class CaseClaims:
         if held:
             path.unlink(missing_ok=True)
 
-    def _abandoned(self, path: Path) -> bool:
+    def _abandoned(self, path: Path) -> bool | None:
+        """Whether the lock's holder is gone; None when the lock was released meanwhile."""
         try:
             age = time.time() - path.stat().st_mtime
             holder = json.loads(path.read_text() or "{}")
         except FileNotFoundError:
-            return True  # released meanwhile
+            return None
         except (OSError, ValueError):
             holder = {}  # being written, or damaged: judged by its age
         if age > self.stale_after:

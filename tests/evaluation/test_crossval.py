@@ -337,3 +337,26 @@ def test_the_app_compares_configurations_given_as_runs_by_config(tmp_path):
     assert "predict with: segshare-predict model_path=[" in text
     with pytest.raises(ValueError, match="not both"):
         run(_compose(f"runs=[{runs['none'][0]}]", f"runs_by_config={{{listing}}}", "output=x"))
+
+
+def test_a_foreign_predictions_folder_is_never_replaced_and_stale_decisions_go(runs, tmp_path):
+    foreign = tmp_path / "predict_run"
+    save(cube(), foreign / "predictions" / "mine.nii.gz")
+    with pytest.raises(ValueError, match="already holds predictions/ that segshare-crossval did"):
+        merge(runs, foreign)
+    assert (foreign / "predictions" / "mine.nii.gz").is_file()
+    out = tmp_path / "cv"
+    merge(runs, out)
+    assert (out / "postprocessing.json").is_file()
+    merge(runs, out, postprocessing=False)  # a re-merge replaces the earlier one, decision too
+    assert not (out / "postprocessing.json").exists() and not (out / "postprocessed").exists()
+
+
+def test_configuration_comparisons_refuse_unequal_folds_and_name_the_configuration(tmp_path):
+    from segshare.evaluation.configurations import find_best_configuration
+
+    a = [_with_probabilities(write_run(tmp_path / "a" / str(k), k), 0.7) for k in FOLDS]
+    with pytest.raises(ValueError, match=r"configuration 'b': .*in no run's validation"):
+        find_best_configuration({"a": a, "b": a[:2]}, tmp_path / "x", num_workers=1)
+    with pytest.raises(ValueError, match="runs_by_config must map each configuration"):
+        run(_compose("runs_by_config=foo", f"output={tmp_path / 'y'}"))

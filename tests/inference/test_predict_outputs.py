@@ -74,3 +74,14 @@ def test_the_recorded_inputs_give_the_evaluation_report_overlays(run_dir, tmp_pa
     evaluate_folders(preds, refs, tmp_path / "eval", num_workers=1, progress=False)
     assert (tmp_path / "eval" / "overlays.png").is_file()
     assert "overlays.png" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_cases_left_to_another_run_make_the_exit_status_1(capsys):
+    """A case claimed by another run is not written yet: the run must not report success."""
+    from segshare.inference.predictor import PredictReport
+    from segshare.predict import finish
+
+    assert finish(PredictReport(written=["a"])) == 0
+    assert finish(PredictReport(written=["a"], busy=["case_7"])) == 1
+    err = capsys.readouterr().err
+    assert "1 case(s) not written yet, being predicted by another run (case_7)" in err
