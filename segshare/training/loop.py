@@ -15,6 +15,7 @@ import csv
 import io
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from segshare.data.io import write_text_atomic
+from segshare.data.io import atomic_folder, write_text_atomic
 from segshare.data.pipeline import TrainingFeed
 from segshare.evaluation.overlap import overlap_metrics
 from segshare.inference.model_io import make_predict_fn, slice_predict_fn
@@ -222,6 +223,11 @@ class Trainer:
         if self.s.budget_minutes is not None and state.get("max_epochs"):
             self.max_epochs = int(state["max_epochs"])  # the budget's epochs, fixed in epoch 0
         epoch = int(state["epoch"]) + 1
+        latest = self.run_dir / "checkpoints" / "latest"
+        if found.resolve() != latest.resolve():  # resume_from=best: best becomes the resume point
+            with atomic_folder(latest) as tmp:  # before the log loses the later epochs
+                for item in found.iterdir():
+                    shutil.copy2(item, tmp / item.name)
         self._truncate_log(epoch)
         print(f"Resuming from {found} at epoch {epoch} (best foreground Dice {state['best']:.4f}).")
         return epoch, float(state["best"])

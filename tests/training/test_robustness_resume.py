@@ -123,3 +123,26 @@ def test_a_run_is_never_resumed_as_another_fold_or_another_network(make_cfg, tmp
     assert _snapshot(run) == before  # nothing written
     info = json.loads((run / "run.json").read_text())
     assert info["network"]["features"] == [4, 8] and info["network"]["batch_size"] == 2
+
+
+def test_resume_from_best_killed_before_its_first_checkpoint_loses_nothing(
+    trained, make_cfg, monkeypatch
+):
+    """best becomes the resume point before the log is cut back, so a kill in between and a
+    plain rerun resume from the same epoch the log ends at."""
+    from segshare.training.loop import Trainer
+
+    best_state = trained / "checkpoints" / "best" / "state.json"
+    best = json.loads(best_state.read_text())
+    best["epoch"] = 0  # best older than latest (epoch 1), as after a worse last epoch
+    best_state.write_text(json.dumps(best))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg("trainer.resume_from=best", "trainer.max_epochs=3", run_dir=trained))
+    latest = json.loads((trained / "checkpoints" / "latest" / "state.json").read_text())
+    assert latest["epoch"] == best["epoch"]
+    assert _log_epochs(trained)[-1] <= best["epoch"]
