@@ -13,7 +13,8 @@ Members with different plans (another spacing or normalisation) are predicted gr
 each restored to the scan's grid one class at a time and added into one float32 buffer of the
 scan's shape, weighted by the group's number of members; then the argmax.
 
-Members must agree on the input channels, the classes and their labels; anything else (spacing,
+Members must agree on the input channels (their number and, where recorded, their names), the
+classes and their labels; anything else (spacing,
 patch, network, sharing scheme) may differ.
 """
 
@@ -80,6 +81,12 @@ def _check_compatible(runs: Sequence[TrainedRun]) -> None:
                     f"model_path: {run.folder} has {key}={getattr(run, key)} but {first.folder} "
                     f"has {getattr(first, key)}; an ensemble needs models of the same task."
                 )
+        names, first_names = run.plan.channel_names, first.plan.channel_names
+        if names and first_names and names != first_names:
+            raise ValueError(
+                f"model_path: {run.folder} takes channels {names} but {first.folder} takes "
+                f"{first_names}; an ensemble's models must read the same scans."
+            )
         if run.plan.labels != first.plan.labels:
             raise ValueError(
                 f"model_path: {run.folder} predicts labels {run.plan.labels} but {first.folder} "

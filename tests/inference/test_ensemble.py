@@ -86,6 +86,13 @@ def test_members_of_another_task_are_refused_naming_both(runs, tmp_path):
     (relabelled / "run.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match=r"relabelled predicts labels .*tumour.* but"):
         load_ensemble([runs["a"], relabelled], WINDOW)
+    t1, flair = make_run_dir(tmp_path / "t1"), make_run_dir(tmp_path / "flair")
+    for folder, name in ((t1, "T1"), (flair, "FLAIR")):
+        plan = json.loads((folder / "plan.json").read_text())
+        plan["channel_names"] = {"0": name}
+        (folder / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(ValueError, match=r"flair takes channels \{'0': 'FLAIR'\} but"):
+        load_ensemble([t1, flair], WINDOW)
     with pytest.raises(ValueError, match=r"model_path=\[\]"):
         resolve_run_paths([])
 
