@@ -218,7 +218,8 @@ def test_sigkill_during_an_epoch_resumes_from_last_completed_epoch(tiny_data_roo
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert json.loads(state.read_text())["epoch"] == 0
-    assert [r["epoch"] for r in _log(run)] == ["0"]
+    # epoch 1's log row may precede its checkpoint: the resume cuts the log back to the checkpoint
+    assert [r["epoch"] for r in _log(run)] in (["0"], ["0", "1"])
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "at epoch 1" in rerun.stdout
