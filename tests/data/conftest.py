@@ -9,9 +9,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from segshare.data.preprocessing import Plan
 from segshare.data.synthetic import generate_synthetic_dataset
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "Task04_Hippocampus"
+
+
+#: A 1 mm, one-channel z-score plan with one foreground label, for preprocessing tests.
+ONE_LABEL_PLAN = Plan(
+    target_spacing=(1.0, 1.0, 1.0),
+    normalization=["zscore"],
+    ct_stats=None,
+    labels={"background": 0, "a": 1},
+    in_channels=1,
+    num_classes=2,
+)
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:

@@ -14,16 +14,9 @@ from segshare.data.validation import validate_dataset
 from segshare.inference.predictor import Predictor, predict_cases
 from segshare.inference.sliding_window import WindowSettings
 
-from .conftest import make_msd_dataset, write_nifti
+from .conftest import ONE_LABEL_PLAN, make_msd_dataset, write_nifti
 
-PLAN = Plan(
-    target_spacing=(1.0, 1.0, 1.0),
-    normalization=["zscore"],
-    ct_stats=None,
-    labels={"background": 0, "a": 1},
-    in_channels=1,
-    num_classes=2,
-)
+PLAN = ONE_LABEL_PLAN
 
 
 def _scan(seed: int = 0, shape=(13, 14, 15)) -> np.ndarray:

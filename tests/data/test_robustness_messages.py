@@ -10,19 +10,12 @@ import numpy as np
 import pytest
 
 from segshare.data.discovery import Case
-from segshare.data.preprocessing import Plan, preprocess_case
+from segshare.data.preprocessing import preprocess_case
 from segshare.data.validation import check_case, open_headers
 
-from .conftest import write_nifti
+from .conftest import ONE_LABEL_PLAN, write_nifti
 
-PLAN = Plan(
-    target_spacing=(1.0, 1.0, 1.0),
-    normalization=["zscore"],
-    ct_stats=None,
-    labels={"background": 0, "a": 1},
-    in_channels=1,
-    num_classes=2,
-)
+PLAN = ONE_LABEL_PLAN
 
 
 def _nan_sform_scan(path: Path) -> Path:
