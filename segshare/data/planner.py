@@ -206,6 +206,35 @@ def blocks_for(num_stages: int, block: str) -> list[int]:
     return [1] * num_stages
 
 
+def _stages(
+    patch_size: Sequence[int],
+    strides: Sequence[Sequence[int]],
+    kernel_sizes: Sequence[Sequence[int]],
+    features: Sequence[int],
+    blocks_per_stage: Sequence[int],
+    block: str,
+    decoder_blocks: int,
+    in_channels: int,
+) -> list[tuple[float, int, int, float, float]]:
+    """The U-Net stage by stage, as the estimates count it: per stage ``(voxels, width, convs,
+    encoder weights, decoder weights)``: the voxels of its feature map (after its stride), its
+    width, its encoder convs (the entry conv and the blocks' convs), the weights of those convs,
+    and of the convs of the decoder stage at its resolution (0 for the deepest stage). A conv's
+    weights are also its multiply-adds per output voxel."""
+    shape, c_in, stages = np.asarray(patch_size, dtype=float), in_channels, []
+    for s, width in enumerate(features):
+        shape = shape / np.asarray(strides[s])
+        taps = float(np.prod(kernel_sizes[s]))
+        block_convs = int(blocks_per_stage[s]) * (2 if block == "residual" else 1)
+        encoder = taps * (c_in * width + block_convs * width * width)
+        decoder = 0.0
+        if s < len(features) - 1:  # the first decoder conv takes the concatenation (2 x width)
+            decoder = taps * width * (2 * width + (decoder_blocks - 1) * width)
+        stages.append((float(np.prod(shape)), int(width), 1 + block_convs, encoder, decoder))
+        c_in = width
+    return stages
+
+
 def estimate_memory_gb(
     patch_size: Sequence[int],
     strides: Sequence[Sequence[int]],
@@ -219,20 +248,14 @@ def estimate_memory_gb(
     batch_size: int,
 ) -> float:
     """Estimated memory (GB) of one training step (see the module docstring for what counts)."""
-    shape = np.asarray(patch_size, dtype=float)
-    values, params = float(np.prod(shape)) * (in_channels + 2 * num_classes), 0.0
-    c_in = in_channels
-    for s, width in enumerate(features):
-        shape = shape / np.asarray(strides[s])
-        voxels = float(np.prod(shape))
-        convs = 1 + int(blocks_per_stage[s]) * (2 if block == "residual" else 1)
+    values, params = float(np.prod(patch_size)) * (in_channels + 2 * num_classes), 0.0
+    network = (patch_size, strides, kernel_sizes, features, blocks_per_stage, block)
+    stages = _stages(*network, decoder_blocks, in_channels)
+    for s, (voxels, width, convs, encoder, decoder) in enumerate(stages):
         values += voxels * width * 3 * convs
-        taps = float(np.prod(kernel_sizes[s]))
-        params += taps * (c_in * width + (convs - 1) * width * width)
-        if s < len(features) - 1:  # the decoder stage at this resolution
+        params += encoder + decoder
+        if s < len(stages) - 1:  # the decoder stage at this resolution
             values += voxels * width * (3 + 3 * decoder_blocks)
-            params += taps * width * (2 * width + (decoder_blocks - 1) * width)
-        c_in = width
     activations = values * int(batch_size) * 2  # 16-bit values
     return (activations + params * 4 * 4) / 1024**3
 
@@ -253,20 +276,13 @@ def estimate_step_gflops(
     entry and block convs, each decoder stage's transposed conv and its convs, the 1x1 head), x2
     for FLOPs and x3 for forward plus backward, per patch, times the batch. Norms, activations
     and the optimizer are left out (a few percent)."""
-    shape = np.asarray(patch_size, dtype=float)
-    macs, c_in, voxels0 = 0.0, in_channels, None
-    for s, width in enumerate(features):
-        shape = shape / np.asarray(strides[s])
-        voxels = float(np.prod(shape))
-        voxels0 = voxels if voxels0 is None else voxels0
-        taps = float(np.prod(kernel_sizes[s]))
-        convs = int(blocks_per_stage[s]) * (2 if block == "residual" else 1)
-        macs += voxels * taps * (c_in * width + convs * width * width)
-        if s < len(features) - 1:  # the decoder stage at this resolution
-            macs += voxels * features[s + 1] * width  # transposed conv, kernel = stride
-            macs += voxels * taps * width * (2 * width + (decoder_blocks - 1) * width)
-        c_in = width
-    macs += voxels0 * features[0] * num_classes
+    network = (patch_size, strides, kernel_sizes, features, blocks_per_stage, block)
+    stages = _stages(*network, decoder_blocks, in_channels)
+    macs = stages[0][0] * stages[0][1] * num_classes  # the 1x1 head
+    for s, (voxels, width, _, encoder, decoder) in enumerate(stages):
+        macs += voxels * (encoder + decoder)
+        if s < len(stages) - 1:  # transposed conv from the stage below, kernel = stride
+            macs += voxels * stages[s + 1][1] * width
     return 6.0 * macs * int(batch_size) / 1e9
 
 
