@@ -39,6 +39,7 @@ from segshare.evaluation.crossval import (
     postprocess_merge,
 )
 from segshare.evaluation.folders import evaluate_folders
+from segshare.inference.predictor import argmax_labels, label_nifti, output_paths
 
 BEST_FILE = "best_configuration.json"
 ENSEMBLES_DIR = "ensembles"
@@ -53,7 +54,7 @@ def _probabilities(fold_runs: Sequence[FoldRun], name: str) -> dict[str, Path]:
     found, missing = {}, {}
     for fold in fold_runs:
         for case, prediction in fold.predictions.items():
-            npz = prediction.parent / f"{case}.npz"
+            npz = output_paths(prediction.parent, case)[1]
             if npz.is_file():
                 found[case] = npz
             else:
@@ -84,12 +85,10 @@ def _ensemble_case(job: tuple) -> None:
         else:
             total += probs
     source = nib.load(like)
-    labels = total.argmax(-1).astype(np.uint8)
-    if labels.shape != source.shape[:3]:
+    if total.shape[:3] != source.shape[:3]:
         raise ValueError(f"{members[0]}: probabilities of shape {total.shape} for {like}.")
-    header = source.header.copy()
-    header.set_data_dtype(np.uint8)
-    save_nifti_atomic(nib.Nifti1Image(labels, source.affine, header), target / f"{case}.nii.gz")
+    labels = argmax_labels(total)
+    save_nifti_atomic(label_nifti(labels, source), output_paths(target, case)[0])
 
 
 def _ensemble(
@@ -102,7 +101,6 @@ def _ensemble(
     progress: bool,
 ) -> dict:
     """Out-of-fold ensemble of ``names`` into ``folder`` (predictions, references, report)."""
-
     cases = sorted(probabilities[names[0]])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / POSTPROCESSING_FILE).unlink(missing_ok=True)  # decided anew if this one is best
