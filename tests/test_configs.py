@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from segshare.cli import instantiate
-from segshare.data.augment import AugmentSettings
+from segshare.data.augment import AugmentByLength, AugmentSettings
 from segshare.data.prepare import DataSettings
 from segshare.data.synthetic import SyntheticSpec
 from segshare.inference.sliding_window import WindowSettings
@@ -26,7 +26,7 @@ def _train_cfg(*overrides: str):
 def test_train_config_groups_instantiate_into_their_objects():
     cfg = _train_cfg()
     data, settings = instantiate(cfg.data), instantiate(cfg.trainer)
-    assert isinstance(data, DataSettings) and isinstance(data.augment, AugmentSettings)
+    assert isinstance(data, DataSettings) and isinstance(data.augment, AugmentByLength)
     assert isinstance(data.synthetic, SyntheticSpec)
     assert data.patch_size is None and data.batch_size is None  # planned
     assert cfg.model.features is None and cfg.model.blocks_per_stage is None
@@ -64,10 +64,20 @@ def test_the_hippocampus_recipe_is_a_budget_and_the_rest_is_planned():
     for key in planned:
         section, name = key.split(".")
         assert cfg[section][name] is None, key
-    default = instantiate(_train_cfg().data.augment)  # nnU-Net's augmentation
+    default = instantiate(_train_cfg("data/augment=default").data.augment)  # nnU-Net's
     assert (default.rotation_deg, default.p_lowres, default.p_gamma) == (30.0, 0.25, 0.3)
     light = instantiate(_train_cfg("data/augment=light").data.augment)
     assert (light.rotation_deg, light.p_lowres, light.p_gamma) == (15.0, 0.0, 0.15)
+    # the default chooses between exactly those two sets by the run's length
+    auto = instantiate(_train_cfg().data.augment)
+    assert isinstance(auto, AugmentByLength) and isinstance(default, AugmentSettings)
+    assert auto.full == default and auto.light == light
+    assert (
+        auto.for_steps(3550) is auto.light and auto.for_steps(auto.light_below_steps) is auto.full
+    )
+    assert "light (3,550 steps < data.augment.light_below_steps=10,000)" in auto.describe(3550)
+    tuned = instantiate(_train_cfg("data.augment.light.p_rotation=0.5").data.augment)
+    assert tuned.light.p_rotation == 0.5 and tuned.full == default
 
 
 def test_a_bad_setting_is_its_own_one_line_error():

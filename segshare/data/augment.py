@@ -104,6 +104,57 @@ class AugmentSettings:
             )
 
 
+@dataclass(frozen=True)
+class AugmentByLength:
+    """The augmentation chosen by the length of the run: nnU-Net's ``full`` set, made for its
+    250,000 steps, or a ``light`` one for a run of fewer than ``light_below_steps`` steps, where the
+    full set's harder samples cost Dice (measured on the hippocampus: docs/benchmarks.md). A run
+    with a time budget counts its steps once epoch 0 has fixed them (epoch 0 counts the provisional
+    ``trainer.max_epochs``).
+
+    Attributes:
+        full: nnU-Net's augmentation (``conf/data/augment/default.yaml``).
+        light: the lighter set (``conf/data/augment/light.yaml``).
+        light_below_steps: runs of fewer optimizer steps get ``light``.
+    """
+
+    full: AugmentSettings
+    light: AugmentSettings
+    light_below_steps: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not int(self.light_below_steps) >= 0:
+            raise ValueError(
+                f"data.augment.light_below_steps must be >= 0, got {self.light_below_steps!r}."
+            )
+
+    def for_steps(self, total_steps: int) -> AugmentSettings:
+        """The set for a run of ``total_steps`` optimizer steps."""
+        return self.light if int(total_steps) < int(self.light_below_steps) else self.full
+
+    def describe(self, total_steps: int) -> str:
+        """One line naming the set chosen for ``total_steps`` and why."""
+        if int(total_steps) < int(self.light_below_steps):
+            return (
+                f"augmentation: light ({total_steps:,} steps < data.augment.light_below_steps="
+                f"{int(self.light_below_steps):,})"
+            )
+        return (
+            f"augmentation: nnU-Net's full set ({total_steps:,} steps >= "
+            f"data.augment.light_below_steps={int(self.light_below_steps):,})"
+        )
+
+
+def augmentation_for(
+    settings: AugmentSettings | AugmentByLength | None, total_steps: int
+) -> AugmentSettings | None:
+    """The augmentation of a run of ``total_steps`` steps: ``settings`` itself, or the set an
+    :class:`AugmentByLength` chooses."""
+    if isinstance(settings, AugmentByLength):
+        return settings.for_steps(total_steps)
+    return settings
+
+
 def rotation_matrix(angles: np.ndarray) -> np.ndarray:
     """3x3 rotation by ``angles`` (radians) about axes 0, 1, 2 (applied in that order)."""
     ca, cb, cc = np.cos(angles)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segshare.data.augment import AugmentSettings, augment, spatial_margin
+from segshare.data.augment import AugmentSettings, augment, augmentation_for, spatial_margin
 from segshare.data.cache import load_cached_case
 from segshare.data.prepare import DataSettings, PreparedData
 from segshare.data.sampling import PatchSampler
@@ -193,15 +193,20 @@ class TrainingFeed:
         """The 3D window over a volume that the patch is (one voxel thick in 2D)."""
         return volume_patch(self.patch_size, self.slice_axis)
 
-    def batches(self, epoch: int):
-        """The batches of ``epoch`` (see :func:`make_training_data`)."""
+    def augmentation(self, total_steps: int) -> AugmentSettings | None:
+        """The augmentation of a run of ``total_steps`` optimizer steps."""
+        return augmentation_for(self.data.augment, total_steps)
+
+    def batches(self, epoch: int, total_steps: int):
+        """The batches of ``epoch`` of a run of ``total_steps`` steps (see
+        :func:`make_training_data`)."""
         return make_training_data(
             self.prepared.cache_dir,
             self.prepared.train_ids,
             self.patch_size,
             int(self.data.batch_size),
             oversample_foreground=float(self.data.oversample_foreground),
-            augmentation=self.data.augment,
+            augmentation=self.augmentation(total_steps),
             seed=int(self.seed) * 10007 + epoch,
             num_workers=int(self.data.num_workers),
             steps_per_epoch=int(self.steps_per_epoch),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from segshare.data.augment import AugmentSettings
+from segshare.data.augment import AugmentByLength, AugmentSettings
 from segshare.data.cache import preprocess_dataset
 from segshare.data.discovery import Dataset, discover_dataset
 from segshare.data.fingerprint import build_fingerprint, make_plan
@@ -52,7 +52,8 @@ class DataSettings:
         patch_size: training patch ``(D, H, W)`` on the preprocessed grid; None = planned.
         batch_size: patches per batch; None = planned.
         oversample_foreground: share of each batch forced onto foreground.
-        augment: the augmentation of training patches.
+        augment: the augmentation of training patches, or the choice of one by the run's
+            length (:class:`AugmentByLength`).
         synthetic: the dataset generated at a missing ``root`` (None: never generate).
     """
 
@@ -70,7 +71,7 @@ class DataSettings:
     patch_size: list[int] | None
     batch_size: int | None
     oversample_foreground: float
-    augment: AugmentSettings
+    augment: AugmentSettings | AugmentByLength
     synthetic: SyntheticSpec | None
 
     def __post_init__(self) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from segshare.data.augment import AugmentByLength
 from segshare.data.io import atomic_folder, write_text_atomic
 from segshare.data.pipeline import TrainingFeed
 from segshare.evaluation.overlap import overlap_metrics
@@ -173,6 +174,7 @@ class Trainer:
         self.run_dir, self.s = Path(run_dir), settings
         # None until epoch 0 of a budgeted run has measured how many epochs fit
         self.max_epochs = None if settings.budget_minutes is not None else settings.max_epochs
+        self._augment_line: str | None = None  # the AugmentByLength choice last printed
         self.chief = is_chief(self.strategy)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.log_path = self.run_dir / "train_log.csv"
@@ -306,7 +308,7 @@ class Trainer:
             lr = learning_rate_at(
                 epoch, planned, self.s.initial_lr, self.s.lr_schedule, self.s.poly_exponent
             )
-            loss, step_seconds = self._train_epoch(epoch, lr)
+            loss, step_seconds = self._train_epoch(epoch, lr, planned * self.s.steps_per_epoch)
             row = {"epoch": epoch, "train_loss": loss, "lr": lr}
             t_val = time.perf_counter()
             if self.chief and (
@@ -348,16 +350,23 @@ class Trainer:
             f"{now - t_val:.1f} s every {self.s.val_every} epochs)."
         )
 
-    def _train_epoch(self, epoch: int, lr: float) -> tuple[float, list[float]]:
-        """The optimizer steps of ``epoch`` at learning rate ``lr``; returns the mean loss and
-        each step's seconds.
+    def _train_epoch(self, epoch: int, lr: float, total_steps: int) -> tuple[float, list[float]]:
+        """The optimizer steps of ``epoch`` at learning rate ``lr`` of a run of ``total_steps``
+        steps (which choose an :class:`AugmentByLength`'s set); returns the mean loss and each
+        step's seconds.
 
         Raises:
             TrainingDiverged: the loss became NaN or infinite.
         """
         self.optimizer.learning_rate.assign(lr)
         keras.utils.set_random_seed(self.s.seed + epoch)
-        dataset = self.feed.batches(epoch)
+        augment = self.feed.data.augment
+        if isinstance(augment, AugmentByLength) and self.chief:
+            line = augment.describe(total_steps)
+            if line != self._augment_line:
+                print(line)
+            self._augment_line = line
+        dataset = self.feed.batches(epoch, total_steps)
         iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
         losses, seconds = [], []
         bar = tqdm(

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from segshare.data.augment import AugmentSettings
 from segshare.data.pipeline import make_training_data
+
+from .conftest import data_settings
 
 AUG = AugmentSettings(
     p_flip=0.5, p_rotation=0.5, rotation_deg=15.0, p_noise=0.5, noise_std=(0, 0.1)
@@ -49,3 +53,17 @@ def test_tf_and_pydataset_give_the_same_seeded_batches(prepared):
 def test_bad_backend(prepared):
     with pytest.raises(ValueError, match="backend"):
         make_training_data(prepared.cache_dir, prepared.train_ids, (8, 8, 8), 2, backend="torch")
+
+
+def test_the_feed_augments_by_the_run_length():
+    from segshare.data.augment import AugmentByLength, AugmentSettings, augmentation_for
+    from segshare.data.pipeline import TrainingFeed
+
+    full, light = AugmentSettings(p_flip=0.5), AugmentSettings(p_flip=0.1)
+    choice = AugmentByLength(full, light, light_below_steps=1000)
+    data = dataclasses.replace(data_settings(), augment=choice)
+    feed = TrainingFeed(prepared=None, data=data, seed=0, steps_per_epoch=50)
+    assert feed.augmentation(999) is light and feed.augmentation(1000) is full
+    assert augmentation_for(full, 10) is full and augmentation_for(None, 10) is None
+    with pytest.raises(ValueError, match="light_below_steps must be >= 0"):
+        AugmentByLength(full, light, light_below_steps=-1)

@@ -86,7 +86,7 @@ def test_intensity_augment_leaves_label_and_off_is_identity():
     intensity = dict.fromkeys(("p_noise", "p_blur", "p_brightness", "p_contrast", "p_gamma"), 1.0)
     spatial = dict.fromkeys(("p_flip", "p_rotation", "p_scale", "p_elastic"), 0.0)
     # the shipped ranges, every intensity transform drawn, no spatial one
-    cfg = dataclasses.replace(data_settings().augment, **intensity, **spatial)
+    cfg = dataclasses.replace(data_settings("data/augment=default").augment, **intensity, **spatial)
     out_img, out_lbl = augment(image, label, cfg, np.random.default_rng(0))
     np.testing.assert_array_equal(out_lbl, label)
     assert out_img.dtype == np.float32 and not np.allclose(out_img, image)

@@ -148,7 +148,9 @@ def test_a_time_budget_derives_the_epochs_once_and_resume_keeps_them(make_cfg, t
 
 
 def test_resume_2_then_4_epochs_equals_uninterrupted_4(make_cfg, tmp_path):
-    det = ["trainer.deterministic=true", "trainer.max_epochs=4", "data.augment.p_rotation=0.5"]
+    det = [
+        "trainer.deterministic=true", "trainer.max_epochs=4", "data.augment.light.p_rotation=0.5"
+    ]  # fmt: skip
     train(make_cfg(*det, run_dir=tmp_path / "straight"))
     # A job that may run 2 epochs at a time (as under a SLURM time limit), started twice.
     train(make_cfg(*det, "trainer.epochs_per_run=2", run_dir=tmp_path / "resumed"))
