@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from segshare.cli import USER_ERRORS, exit_on_user_error
-from segshare.evaluation.configurations import find_best_configuration
+from segshare.evaluation.configurations import find_best_configuration, ranking_rows
 from segshare.evaluation.crossval import merge_folds
 
 
@@ -68,9 +68,12 @@ def run(cfg: DictConfig) -> dict:
 
 def format_ranking(best: dict, output: str) -> str:
     """The configurations and ensembles by cross-validation Dice, and the predict command."""
-    lines = [f"{'rank':>4}  {'Dice':>6}  configuration"]
-    for i, row in enumerate(best["ranking"], 1):
-        lines.append(f"{i:>4}  {row['foreground_dice']:6.4f}  {row['name']}")
+    header, rows = ranking_rows(best)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
     post = best["best"]["postprocessing"]
     lines += [
         f"best: {best['best']['name']} (postprocessing: {len(post['steps'])} step(s), Dice "

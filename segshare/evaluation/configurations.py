@@ -12,7 +12,11 @@ of all its folds:
 3. all candidates are ranked by foreground-mean Dice over all cases; the connected-component
    postprocessing is decided on the best one's merged predictions (``postprocessing.json`` in
    its folder), and ``best_configuration.json`` records the ranking, the best candidate, its
-   runs and the exact ``segshare-predict`` command that reproduces it.
+   runs and the exact ``segshare-predict`` command that reproduces it;
+4. every other candidate is compared with the first configuration (the reference, e.g.
+   ``sharing=none``) case by case (:mod:`segshare.evaluation.comparison`: mean Dice difference,
+   95 % bootstrap interval, Wilcoxon p); each configuration also reports its Dice mean and sd
+   over folds, HD95 and unique trainable parameters.
 
 The configurations must cover the same cases with the same labels (each is checked as a
 cross-validation on its own first).
@@ -27,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from segshare.data.io import atomic_folder, save_nifti_atomic, write_json_atomic
+from segshare.data.io import atomic_folder, read_json, save_nifti_atomic, write_json_atomic
 from segshare.data.parallel import default_num_workers, parallel_map
+from segshare.evaluation.comparison import case_scores, format_difference, paired_comparison
 from segshare.evaluation.crossval import (
     POSTPROCESSED_DIR,
     POSTPROCESSING_FILE,
@@ -179,11 +184,11 @@ def find_best_configuration(
                 f"({len(reference)} vs {len(cases)} cases; labels {folds[first][0].run.plan.labels}"
                 f" vs {labels}); compare configurations of one dataset and split."
             )
-    scores, members = {}, {}
+    scores, members, summaries = {}, {}, {}
     for name, runs in runs_by_config.items():
         summary = merge_folds(runs, output / name, workers, progress, postprocessing=False)
         scores[name] = summary["foreground_mean"].get("Dice", float("nan"))
-        members[name] = [name]
+        members[name], summaries[name] = [name], summary
     probabilities = {name: _probabilities(folds[name], name) for name in folds}
     labels = sorted(v for v in folds[first][0].run.plan.labels.values() if v != 0)
     for a, b in itertools.combinations(folds, 2):
@@ -193,7 +198,7 @@ def find_best_configuration(
             progress,
         )  # fmt: skip
         scores[key] = summary["foreground_mean"].get("Dice", float("nan"))
-        members[key] = [a, b]
+        members[key], summaries[key] = [a, b], summary
     ranking = sorted(scores, key=lambda k: -np.nan_to_num(scores[k], nan=-1.0))
     best = ranking[0]
     best_dir = output / best if len(members[best]) == 1 else output / ENSEMBLES_DIR / best
@@ -203,10 +208,21 @@ def find_best_configuration(
         f"segshare-predict model_path=[{','.join(runs)}] input=INPUT output=OUTPUT "
         f"postprocessing={best_dir / post['file']}"
     )
+    reference = case_scores(summaries[first])
+    rows = []
+    for key in ranking:
+        row = {"name": key, "members": members[key], "foreground_dice": scores[key]}
+        row["hd95"] = summaries[key]["foreground_mean"].get("HD95", float("nan"))
+        if key in folds:
+            dice = summaries[key]["folds"]["foreground_dice"]
+            row["fold_dice"] = {"mean": dice["mean_over_folds"], "sd": dice["sd_over_folds"]}
+            row["unique_parameters"] = _unique_parameters(folds[key])
+        if key != first:
+            row["versus_reference"] = paired_comparison(reference, case_scores(summaries[key]))
+        rows.append(row)
     result = {
-        "ranking": [
-            {"name": k, "members": members[k], "foreground_dice": scores[k]} for k in ranking
-        ],
+        "reference": first,
+        "ranking": rows,
         "best": {
             "name": best,
             "members": members[best],
@@ -221,6 +237,39 @@ def find_best_configuration(
     return result
 
 
+def _unique_parameters(fold_runs: Sequence[FoldRun]) -> int | None:
+    """The unique trainable parameters of a configuration's network (its first fold's
+    ``parameters.json``), None when the run has no record."""
+    path = fold_runs[0].folder / "parameters.json"
+    try:
+        return int(read_json(path)["unique_trainable"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def ranking_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """The ranking as a table: header and rows (report and console)."""
+    header = [
+        "rank", "configuration", "foreground-mean Dice", "sd over folds", "HD95 (mm)",
+        "unique parameters", f"vs {result['reference']}: difference [95 % CI], Wilcoxon p",
+    ]  # fmt: skip
+    rows = []
+    for i, row in enumerate(result["ranking"], 1):
+        fold = row.get("fold_dice")
+        params = row.get("unique_parameters")
+        versus = row.get("versus_reference")
+        rows.append([
+            str(i),
+            row["name"],
+            f"{row['foreground_dice']:.4f}",
+            f"{fold['sd']:.4f}" if fold else "",
+            f"{row['hd95']:.2f}",
+            f"{params:,}" if params is not None else "",
+            format_difference(versus) if versus else "(reference)",
+        ])  # fmt: skip
+    return header, rows
+
+
 def _ranking_report(result: dict, output: Path) -> None:
     """``report.md``/``report.html`` of the comparison: the ranking as a table and a bar plot."""
     from segshare.data.io import write_text_atomic
@@ -229,11 +278,15 @@ def _ranking_report(result: dict, output: Path) -> None:
 
     scores = {row["name"]: row["foreground_dice"] for row in result["ranking"]}
     png = bar_plot(scores, "Cross-validation foreground-mean Dice per configuration")
-    rows = [[str(i), row["name"], f"{row['foreground_dice']:.4f}"]
-            for i, row in enumerate(result["ranking"], 1)]  # fmt: skip
     blocks = [
         ("h1", "Configurations by cross-validation"),
-        ("table", (["rank", "configuration", "foreground-mean Dice"], rows)),
+        ("table", ranking_rows(result)),
+        (
+            "p",
+            f"Paired comparisons against {result['reference']} over the cases: mean "
+            f"difference of the per-case foreground-mean Dice, its 95 % bootstrap interval "
+            f"(BCa) and the two-sided Wilcoxon signed-rank p.",
+        ),
         ("image", ("configurations.png", "Dice per configuration and ensemble")),
         ("p", f"Best: {result['best']['name']}. Predict with: {result['predict_command']}"),
     ]
@@ -242,4 +295,4 @@ def _ranking_report(result: dict, output: Path) -> None:
     write_text_atomic(render_html(blocks, {"configurations": png}), output / "report.html")
 
 
-__all__ = ["BEST_FILE", "ENSEMBLES_DIR", "find_best_configuration"]
+__all__ = ["BEST_FILE", "ENSEMBLES_DIR", "find_best_configuration", "ranking_rows"]

@@ -294,6 +294,7 @@ def test_configurations_and_their_ensembles_are_ranked_by_crossval_dice(tmp_path
             _with_probabilities(write_run(tmp_path / "b" / str(k), k), 0.9, other) for k in FOLDS
         ],
     }
+    (by_config["b"][0] / "parameters.json").write_text(json.dumps({"unique_trainable": 1234}))
     out = tmp_path / "compare"
     best = find_best_configuration(by_config, out, num_workers=1, progress=False)
     scores = {row["name"]: row["foreground_dice"] for row in best["ranking"]}
@@ -302,6 +303,15 @@ def test_configurations_and_their_ensembles_are_ranked_by_crossval_dice(tmp_path
     # the more confident b wins every disagreement: the ensemble labels are b's
     assert scores["a+b"] == pytest.approx(scores["b"])
     assert [row["name"] for row in best["ranking"]][-1] == "a"
+    # b against the reference a, case by case: better on 5 cases, worse on none
+    rows = {row["name"]: row for row in best["ranking"]}
+    versus = rows["b"]["versus_reference"]
+    assert best["reference"] == "a" and "versus_reference" not in rows["a"]
+    assert versus["mean_difference"] == pytest.approx(2.0 / 7)
+    assert (versus["num_cases"], versus["better_cases"], versus["worse_cases"]) == (7, 5, 0)
+    assert 0 < versus["ci95"][0] < versus["ci95"][1]
+    assert rows["b"]["unique_parameters"] == 1234 and rows["a"]["unique_parameters"] is None
+    assert rows["a"]["fold_dice"]["sd"] > 0 and "fold_dice" not in rows["a+b"]
     assert best["best"]["name"] in ("b", "a+b")
     ensemble = nib.load(out / "ensembles" / "a+b" / "predictions" / "case_1.nii.gz")
     np.testing.assert_array_equal(np.asarray(ensemble.dataobj), cube(0))
@@ -335,6 +345,8 @@ def test_the_app_compares_configurations_given_as_runs_by_config(tmp_path):
     assert "none+stage" in (tmp_path / "cmp" / "report.html").read_text()
     text = format_ranking(best, str(tmp_path / "cmp"))
     assert "predict with: segshare-predict model_path=[" in text
+    assert "vs none: difference [95 % CI], Wilcoxon p" in text and "(reference)" in text
+    assert "+0.0000 [+0.0000, +0.0000], p 1" in text  # stage predicts what none predicts
     with pytest.raises(ValueError, match="not both"):
         run(_compose(f"runs=[{runs['none'][0]}]", f"runs_by_config={{{listing}}}", "output=x"))
 
