@@ -34,6 +34,7 @@ def run(cfg: DictConfig) -> dict:
         strict_json=cfg.strict_json,
         missing_as_empty=cfg.missing_as_empty,
         progress=cfg.progress,
+        ignore_label=cfg.ignore_label,
     )
 
 

@@ -3,6 +3,10 @@
 Pure functions take integer labels ``(B, *spatial)`` and logits ``(B, *spatial, K)`` and return a
 scalar; thin ``keras.losses.Loss`` classes wrap them. Softmax is applied inside (the network
 outputs logits).
+
+A label value ``>= K`` is the ignore label (the dataset's ``ignore``, above every class: the
+plan's ``ignore_label``): such voxels are masked out of every sum, so the loss of a patch equals
+the loss of its annotated voxels alone.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ def soft_dice_loss(labels, logits, include_background: bool = False, smooth: flo
     """
     logits = ops.cast(logits, "float32")
     num_classes = ops.shape(logits)[-1]
-    probs = ops.softmax(logits, axis=-1)
-    onehot = ops.one_hot(ops.cast(labels, "int32"), num_classes, dtype="float32")
+    classes, mask = _classes_and_mask(labels, num_classes)
+    probs = ops.softmax(logits, axis=-1) * mask[..., None]
+    onehot = ops.one_hot(classes, num_classes, dtype="float32") * mask[..., None]
     axes = tuple(range(len(logits.shape) - 1))
     intersection = ops.sum(probs * onehot, axis=axes)
     denominator = ops.sum(probs, axis=axes) + ops.sum(onehot, axis=axes)
@@ -37,12 +42,19 @@ def soft_dice_loss(labels, logits, include_background: bool = False, smooth: flo
 
 
 def cross_entropy_loss(labels, logits):
-    """Mean softmax cross-entropy over all voxels."""
-    return ops.mean(
-        ops.sparse_categorical_crossentropy(
-            ops.cast(labels, "int32"), ops.cast(logits, "float32"), from_logits=True
-        )
-    )
+    """Mean softmax cross-entropy over the annotated voxels (0 when none is)."""
+    logits = ops.cast(logits, "float32")
+    classes, mask = _classes_and_mask(labels, ops.shape(logits)[-1])
+    ce = ops.sparse_categorical_crossentropy(classes, logits, from_logits=True)
+    return ops.sum(ce * mask) / ops.maximum(ops.sum(mask), 1.0)
+
+
+def _classes_and_mask(labels, num_classes):
+    """The labels with ignored voxels (values ``>= num_classes``) set to class 0, and the
+    float mask of the annotated voxels (1) and the ignored ones (0)."""
+    labels = ops.cast(labels, "int32")
+    annotated = ops.less(labels, num_classes)
+    return ops.where(annotated, labels, ops.zeros_like(labels)), ops.cast(annotated, "float32")
 
 
 def dice_ce_loss(

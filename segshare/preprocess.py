@@ -23,7 +23,8 @@ def run(cfg: DictConfig) -> PreparedData:
     )
     plan, fp = prepared.plan, prepared.fingerprint
     print(f"dataset       {prepared.dataset.root} ({fp['num_cases']} cases)")
-    print(f"labels        {plan.labels}")
+    ignore = f" (ignore label {plan.ignore_label})" if plan.ignore_label is not None else ""
+    print(f"labels        {plan.labels}{ignore}")
     print(
         f"spacing       {[round(s, 4) for s in plan.target_spacing]} (target), "
         f"normalization {plan.normalization}"

@@ -91,12 +91,18 @@ def is_current(cache_dir: Path, case: Case, signature: dict[str, Any]) -> bool:
     return props.get("sources") == signature
 
 
-def class_locations(label: np.ndarray, seed: int, per_class: int = LOCATIONS_PER_CLASS) -> dict:
-    """Up to ``per_class`` random voxel indices ``[i, j, k]`` of each foreground class."""
+def class_locations(
+    label: np.ndarray,
+    seed: int,
+    per_class: int = LOCATIONS_PER_CLASS,
+    ignore_label: int | None = None,
+) -> dict:
+    """Up to ``per_class`` random voxel indices ``[i, j, k]`` of each foreground class (never of
+    ``ignore_label``: no patch is centred on unannotated voxels)."""
     rng = np.random.default_rng(seed)
     out = {}
     for c in np.unique(label):
-        if c == 0:
+        if c == 0 or c == ignore_label:
             continue
         idx = np.argwhere(label == c)
         if len(idx) > per_class:
@@ -134,7 +140,9 @@ def cache_case(
     nbytes = image.nbytes
     if label is not None:
         save_npy_atomic(label, Path(f"{stem}_label.npy"))
-        props["class_locations"] = class_locations(label, _case_seed(case.case_id))
+        props["class_locations"] = class_locations(
+            label, _case_seed(case.case_id), ignore_label=plan.ignore_label
+        )
         nbytes += label.nbytes
     else:
         Path(f"{stem}_label.npy").unlink(missing_ok=True)

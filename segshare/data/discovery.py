@@ -47,8 +47,9 @@ class Dataset:
     Attributes:
         root: the dataset folder.
         cases: cases sorted by ``case_id``.
-        labels: label name -> integer value (nnU-Net v2 convention), background included.
-            Empty when the folder carries no ``dataset.json`` (filled from the data later).
+        labels: label name -> integer value (nnU-Net v2 convention), background and the
+            ignore label (``"ignore"``, if any) included. Empty when the folder carries no
+            ``dataset.json`` (filled from the data later).
         channel_names: channel index (as a string) -> modality name, e.g. ``{"0": "CT"}``.
         file_ending: ``.nii.gz`` or ``.nii``.
         problems: ``(path, message)`` pairs found while discovering (reported by validation).
@@ -210,45 +211,91 @@ def discover_images(path: str | os.PathLike, in_channels: int | None = None) -> 
     return _mark_broken(_group_channels(entries, in_channels), entries)
 
 
+#: nnU-Net's name of the label that marks voxels nobody annotated (its value is the highest).
+IGNORE_LABEL = "ignore"
+
+_LABEL_FORMS = 'nnU-Net {"name": 1} or MSD {"1": "name"}'
+
+
 def parse_labels(
-    raw: object, where: str, problems: list[tuple[str, str]] | None = None
+    raw: object,
+    where: str,
+    problems: list[tuple[str, str]] | None = None,
+    regions_class_order: object = None,
 ) -> dict[str, int]:
     """The ``labels`` entry of a ``dataset.json``: nnU-Net v2 ``{"name": int}`` or MSD
-    ``{"0": "name"}`` -> ``{"name": int}``.
+    ``{"0": "name"}`` -> ``{"name": int}``, the ignore label (``"ignore"``) included.
 
     Args:
         raw: the ``labels`` value.
         where: the file it came from (for messages).
-        problems: where ``(where, message)`` pairs go for a non-mapping or an entry that is
-            neither layout (e.g. an nnU-Net region label, ``{"name": [1, 2]}``); ``None``: such
-            entries are skipped and a non-mapping raises.
+        problems: where ``(where, message)`` pairs go for what segshare cannot honour: a
+            non-mapping, a value that is not an integer, a region (a list of values, nnU-Net's
+            region-based labels; ``regions_class_order`` only changes the message), two names
+            with one value, an ``ignore`` label that is not the highest value. ``None``: a region
+            is skipped (evaluation scores the plain labels) and every other problem raises.
+        regions_class_order: the file's ``regions_class_order``, if any.
 
     Returns:
         ``{name: label}`` in the file's order.
 
     Raises:
-        ValueError: ``raw`` is not a mapping and ``problems`` is ``None`` (names ``where``).
+        ValueError: with ``problems`` ``None``, a problem other than a region (names ``where``).
     """
+    found: list[str] = []
     labels: dict[str, int] = {}
     if not isinstance(raw, dict):
-        message = f"'labels' must be a mapping, got {raw!r}"
-        if problems is None:
-            raise ValueError(f"{where}: {message}")
-        problems.append((where, message))
-        return labels
+        found.append(f"'labels' must be a mapping, got {raw!r}")
+        raw = {}
     for key, value in raw.items():
         if isinstance(value, int) and not isinstance(value, bool):
             labels[str(key)] = value
-        elif str(key).lstrip("-").isdigit():
-            labels[str(value)] = int(key)
-        elif problems is not None:
-            problems.append((where, f"label entry {key!r}: {value!r} is not name->integer"))
+        elif isinstance(value, list):
+            if problems is None:
+                continue
+            need = (
+                "region-based training is not built yet"
+                if regions_class_order is not None
+                else "a region also needs 'regions_class_order' (nnU-Net's rule), and "
+                "region-based training is not built yet"
+            )
+            found.append(
+                f"label {key!r}: {value!r} is a region (a list of values); {need}: give each "
+                f"label one integer value ({_LABEL_FORMS})"
+            )
+        elif isinstance(value, str) and str(key).lstrip("-").isdigit():
+            labels[value] = int(key)
+        else:
+            found.append(f"label {key!r}: {value!r} is not an integer value ({_LABEL_FORMS})")
+    by_value: dict[int, list[str]] = {}
+    for name, value in labels.items():
+        by_value.setdefault(value, []).append(name)
+    for value, names in by_value.items():
+        if len(names) > 1:
+            found.append(f"labels {names} all have the value {value}; each label needs its own")
+    if IGNORE_LABEL in labels:
+        others = [v for k, v in labels.items() if k != IGNORE_LABEL]
+        if others and labels[IGNORE_LABEL] <= max(others):
+            found.append(
+                f"label 'ignore' has the value {labels[IGNORE_LABEL]}, but the ignore label must "
+                f"have the highest value (nnU-Net's rule): give it a value above {max(others)}"
+            )
+    if found and problems is None:
+        raise ValueError(f"{where}: {found[0]}")
+    if problems is not None:
+        problems.extend((where, message) for message in found)
     return labels
+
+
+def split_ignore_label(labels: dict[str, int]) -> tuple[dict[str, int], int | None]:
+    """The labels without the ignore label, and its value (None when there is none)."""
+    classes = {k: v for k, v in labels.items() if k != IGNORE_LABEL}
+    return classes, labels.get(IGNORE_LABEL)
 
 
 def _labels_from_json(meta: dict, problems: list[tuple[str, str]], where: str) -> dict[str, int]:
     """:func:`parse_labels` of ``meta["labels"]`` (problems reported, never raised)."""
-    return parse_labels(meta.get("labels", {}), where, problems)
+    return parse_labels(meta.get("labels", {}), where, problems, meta.get("regions_class_order"))
 
 
 def _channels_from_json(meta: dict, problems: list[tuple[str, str]], where: str) -> dict | None:
@@ -368,7 +415,10 @@ def discover_dataset(root: str | os.PathLike) -> Dataset:
         except ValueError as err:
             problems.append((str(json_path), str(err).removeprefix(f"{json_path}: ")))
             meta = {}
+    known = len(problems)
     labels = _labels_from_json(meta, problems, str(json_path))
+    if len(problems) > known:  # refused labels: no case is checked against them
+        labels = {}
     channels = _channels_from_json(meta, problems, str(json_path))
     in_channels = len(channels) if channels else None
     channel_names = {str(k): str(v) for k, v in (channels or {"0": "image"}).items()}

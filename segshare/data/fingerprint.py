@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from segshare.data.discovery import Dataset
+from segshare.data.discovery import Dataset, split_ignore_label
 from segshare.data.preprocessing import Plan, nonzero_bbox, reorient_to_ras, spacing_of
 
 SAMPLES_PER_CASE = 10_000
@@ -192,6 +192,9 @@ def make_plan(
         ]
     if max(labels.values()) > 255 or min(labels.values()) < 0:
         raise ValueError(f"label values must be in [0, 255] (cached as uint8), got {labels}")
+    labels, ignore = split_ignore_label(dict(labels))
+    if not labels:
+        raise ValueError(f"the dataset has no label besides 'ignore' ({ignore}).")
     shrunk = fingerprint.get("median_relative_size_after_cropping", 1.0) < 0.75
     return Plan(
         use_mask_for_norm=[n == "zscore" and shrunk for n in norm],
@@ -203,4 +206,5 @@ def make_plan(
         num_classes=max(labels.values()) + 1,
         anisotropy_threshold=float(anisotropy_threshold),
         channel_names=dict(fingerprint["channel_names"]),
+        ignore_label=ignore,
     )

@@ -57,9 +57,9 @@ class Plan:
         normalization: per channel, ``"zscore"`` (per image) or ``"ct"`` (dataset statistics).
         ct_stats: per channel ``{"p005", "p995", "mean", "std"}`` of foreground intensities
             (None entries for z-scored channels), or None.
-        labels: label name -> value, background included.
+        labels: label name -> value, background included, the ignore label not.
         in_channels: image channels.
-        num_classes: label values are ``0..num_classes-1``.
+        num_classes: the classes the network predicts are ``0..num_classes-1``.
         anisotropy_threshold: max/min spacing ratio above which one axis is resampled separately.
         channel_names: channel index -> modality name.
         use_mask_for_norm: per channel, z-score over the nonzero voxels only and keep the rest 0
@@ -67,6 +67,9 @@ class Plan:
             skull-stripped MR: the zero background would otherwise dominate the statistics).
         image_order: spline order for images.
         version: plan format version.
+        ignore_label: the value of the voxels nobody annotated (the dataset's ``ignore``
+            label, above every class) or None: left out of the losses, the oversampled
+            foreground and every metric.
         configurations: the planner's network, patch and batch per configuration
             (``3d_fullres``, ``2d``, ``3d_lowres``; see ``segshare.data.planner``); not part of
             the preprocessing, so not part of the cache key.
@@ -83,6 +86,7 @@ class Plan:
     use_mask_for_norm: list[bool] | None = None
     image_order: int = 3
     version: int = PLAN_VERSION
+    ignore_label: int | None = None
     configurations: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,8 +97,13 @@ class Plan:
 
     def preprocessing_dict(self) -> dict[str, Any]:
         """:meth:`to_dict` without the network ``configurations``: what the cached arrays (and a
-        resumed checkpoint) depend on."""
-        return {k: v for k, v in self.to_dict().items() if k != "configurations"}
+        resumed checkpoint) depend on; ``ignore_label`` only when there is one, so that the
+        caches of datasets without one keep their keys."""
+        return {
+            k: v
+            for k, v in self.to_dict().items()
+            if k != "configurations" and not (k == "ignore_label" and v is None)
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segshare.data.discovery import IGNORE_LABEL
 from segshare.data.io import (
     INPUTS_FILE,
     atomic_folder,
@@ -48,6 +49,7 @@ from segshare.evaluation.postprocessing import (
     decide_postprocessing,
     save_postprocessing,
 )
+from segshare.evaluation.runner import ignore_label_of, load_label_names
 from segshare.inference.trained_run import MODEL_FILE, TrainedRun, load_trained_run
 
 FOLDS_FILE = "folds.json"
@@ -340,7 +342,9 @@ def merge_folds(
     inputs = {case: [str(path)] for case, path in sorted(scans.items())}
     write_json_atomic(inputs, output / "predictions" / INPUTS_FILE)
     labels = folds[0].run.plan.labels
-    names = write_json_atomic({"labels": labels}, output / "dataset.json")
+    ignore = folds[0].run.plan.ignore_label
+    named = {**labels, IGNORE_LABEL: ignore} if ignore is not None else labels
+    names = write_json_atomic({"labels": named}, output / "dataset.json")
     summary = evaluate_folders(
         output / "predictions",
         output / "references",
@@ -399,7 +403,10 @@ def postprocess_merge(
     files = sorted(list_nifti(output / "predictions"))
     pairs = [(p, output / "references" / p.name) for p in files]
     workers = default_num_workers() if num_workers is None else int(num_workers)
-    decision = decide_postprocessing(pairs, labels, num_workers=workers, progress=progress)
+    ignore = ignore_label_of(load_label_names(output, names))
+    decision = decide_postprocessing(
+        pairs, labels, num_workers=workers, progress=progress, ignore_label=ignore
+    )
     save_postprocessing(decision, output / POSTPROCESSING_FILE)
     steps = [PostprocessingStep.from_dict(s) for s in decision["steps"]]
     target = output / POSTPROCESSED_DIR

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from segshare.data.discovery import IGNORE_LABEL
 from segshare.data.io import INPUTS_FILE, read_json
 from segshare.data.parallel import default_num_workers
 from segshare.evaluation.runner import (
@@ -22,6 +23,7 @@ from segshare.evaluation.runner import (
     absent_label_metrics,
     find_image,
     find_label_file,
+    ignore_label_of,
     load_label_names,
     match_cases,
     run_cases,
@@ -201,6 +203,7 @@ def evaluate_folders(
     missing_as_empty: bool = False,
     progress: bool = True,
     report: bool = True,
+    ignore_label: int | None = None,
 ) -> dict:
     """Scores every reference in ``ref_dir`` against the same-named file in ``pred_dir``.
 
@@ -221,6 +224,8 @@ def evaluate_folders(
             out of the means; it is listed and counted either way).
         progress: show a tqdm progress bar.
         report: also write ``report.md``/``report.html`` (with pictures).
+        ignore_label: the references' value of unannotated voxels, never scored and counted
+            nowhere (docs/metrics.md); default the ``dataset.json`` label named ``ignore``.
 
     Returns:
         The summary dictionary written to ``summary.json`` (label keys are strings).
@@ -246,7 +251,22 @@ def evaluate_folders(
     pred_dir, ref_dir, output_dir = Path(pred_dir), Path(ref_dir), Path(output_dir)
     match = match_cases(pred_dir, ref_dir)
     names = load_label_names(ref_dir, dataset_json)
-    common = {"labels": labels, "nsd_tolerance_mm": float(nsd_tolerance_mm), "hd95": hd95}
+    if ignore_label is None:
+        ignore_label = ignore_label_of(names)
+    if ignore_label is not None:
+        ignore_label = int(ignore_label)
+        names.pop(ignore_label, None)
+        if labels and ignore_label in labels:
+            raise ValueError(
+                f"labels={labels} includes the ignore label {ignore_label}: its voxels are not "
+                f"annotated, so it cannot be scored."
+            )
+    common = {
+        "labels": labels,
+        "nsd_tolerance_mm": float(nsd_tolerance_mm),
+        "hd95": hd95,
+        "ignore_label": ignore_label,
+    }
     tasks = _case_tasks(match, common, missing_as_empty)
     workers = default_num_workers() if num_workers is None else int(num_workers)
     cases = run_cases(tasks, workers, progress=progress)
@@ -255,7 +275,8 @@ def evaluate_folders(
         if names
         else "found in none of the references (nor asked for with labels=)"
     )
-    unknown = unknown_labels(cases, labels, names, source)
+    known = {**names, ignore_label: IGNORE_LABEL} if names and ignore_label is not None else names
+    unknown = unknown_labels(cases, labels, known, source)
     labels = _complete_cases(tasks, cases, labels, ref_dir)
     settings = {
         "pred_dir": str(pred_dir),
@@ -263,6 +284,7 @@ def evaluate_folders(
         "hd95": hd95,
         "nsd_tolerance_mm": float(nsd_tolerance_mm),
         "missing_as_empty": missing_as_empty,
+        "ignore_label": ignore_label,
         "spacing_source": "reference header zooms (mm)",
         "nan_means": "nanmean",
     }

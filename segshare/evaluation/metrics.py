@@ -30,6 +30,7 @@ def compute_case_metrics(
     *,
     nsd_tolerance_mm: float = 1.0,
     hd95: str = "monai",
+    ignore_label: int | None = None,
 ) -> dict[int, dict[str, float]]:
     """All metrics of one case.
 
@@ -40,6 +41,9 @@ def compute_case_metrics(
         spacing: voxel spacing in mm along the three array axes.
         nsd_tolerance_mm: tolerance of the normalised surface Dice, in mm.
         hd95: ``"monai"`` (max of the directed 95th percentiles) or ``"medpy"`` (pooled).
+        ignore_label: the reference's value of unannotated voxels: never scored, and its voxels
+            count nowhere (no TP/FP/FN/TN of any label; the surfaces are those of both maps
+            outside it).
 
     Returns:
         ``{label: {metric: value}}`` with the metrics of :data:`ALL_METRICS`.
@@ -49,8 +53,15 @@ def compute_case_metrics(
     if pred.shape != ref.shape:
         raise ValueError(f"pred and ref shapes differ: {pred.shape} vs {ref.shape}.")
     spacing = check_spacing(spacing, ref.ndim)
-    labels = [int(label) for label in labels]
-    overlap = overlap_metrics(pred, ref, labels, voxel_volume_mm3=float(np.prod(spacing)))
+    labels = [int(label) for label in labels if label != ignore_label]
+    voxel_volume = float(np.prod(spacing))
+    ignored = (ref == ignore_label) if ignore_label is not None else None
+    if ignored is not None and ignored.any():
+        keep = ~ignored
+        overlap = overlap_metrics(pred[keep], ref[keep], labels, voxel_volume_mm3=voxel_volume)
+        pred, ref = np.where(ignored, 0, pred), np.where(ignored, 0, ref)
+    else:
+        overlap = overlap_metrics(pred, ref, labels, voxel_volume_mm3=voxel_volume)
     surface = surface_metrics(
         pred, ref, labels, spacing, nsd_tolerance_mm=nsd_tolerance_mm, hd95_variant=hd95
     )

@@ -193,6 +193,17 @@ def apply_postprocessing(label_map: np.ndarray, steps: Sequence[PostprocessingSt
     return out
 
 
+def _load_annotated(
+    pred: CaseSource, ref: CaseSource, ignore_label: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`_load_case` and the mask of the reference's annotated voxels (None: all are)."""
+    pred, ref = _load_case(pred, ref)
+    if ignore_label is None:
+        return pred, ref, None
+    annotated = ref != ignore_label
+    return pred, ref, None if annotated.all() else annotated
+
+
 def _load_case(pred: CaseSource, ref: CaseSource) -> tuple[np.ndarray, np.ndarray]:
     """A (prediction, reference) pair of label arrays from arrays or NIfTI paths."""
     if isinstance(pred, np.ndarray) and isinstance(ref, np.ndarray):
@@ -207,24 +218,29 @@ def _load_case(pred: CaseSource, ref: CaseSource) -> tuple[np.ndarray, np.ndarra
     return pred_array, ref_array
 
 
-def _counts(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> np.ndarray:
-    """``(len(labels), 3)`` TP, FP, FN counts (:func:`overlap_metrics`)."""
+def _counts(
+    pred: np.ndarray, ref: np.ndarray, labels: Sequence[int], annotated: np.ndarray | None
+) -> np.ndarray:
+    """``(len(labels), 3)`` TP, FP, FN counts (:func:`overlap_metrics`) over the ``annotated``
+    voxels (None: all)."""
+    if annotated is not None:
+        pred, ref = pred[annotated], ref[annotated]
     m = overlap_metrics(pred, ref, labels)
     return np.array([[m[k]["TP"], m[k]["FP"], m[k]["FN"]] for k in labels], dtype=np.int64)
 
 
 def _first_pass(job: tuple) -> dict[str, Any]:
     """(a): counts without and with the whole-foreground step; smallest reference components."""
-    pred, ref, labels = job
-    pred, ref = _load_case(pred, ref)
+    pred, ref, labels, ignore_label = job
+    pred, ref, annotated = _load_annotated(pred, ref, ignore_label)
     fg_step = PostprocessingStep("largest_component", tuple(labels))
     smallest = []
     for label in labels:
         sizes = label_components(ref == label)[1]
         smallest.append(int(sizes.min()) if sizes.size else 0)
     return {
-        "before": _counts(pred, ref, labels),
-        "after": _counts(apply_postprocessing(pred, [fg_step]), ref, labels),
+        "before": _counts(pred, ref, labels, annotated),
+        "after": _counts(apply_postprocessing(pred, [fg_step]), ref, labels, annotated),
         "smallest_ref_component": smallest,
     }
 
@@ -235,8 +251,8 @@ def _second_pass(job: tuple) -> list[dict[str, np.ndarray]]:
     Keeping a subset ``S`` of the components gives ``TP = sum tp_i``, ``FP = sum(size_i - tp_i)``
     over ``S`` and ``FN = n_ref - TP``.
     """
-    pred, ref, labels, base_steps, thresholds = job
-    pred, ref = _load_case(pred, ref)
+    pred, ref, labels, ignore_label, base_steps, thresholds = job
+    pred, ref, annotated = _load_annotated(pred, ref, ignore_label)
     pred = apply_postprocessing(pred, base_steps)
     out = []
     for label, cands in zip(labels, thresholds, strict=True):
@@ -244,10 +260,16 @@ def _second_pass(job: tuple) -> list[dict[str, np.ndarray]]:
         ref_mask = ref == label
         tps = np.bincount(components[ref_mask], minlength=sizes.size + 1)[1:]
         n_ref = int(ref_mask.sum())
+        # a component's voxels that count (its FP): those outside the ignored region
+        counted = (
+            sizes
+            if annotated is None
+            else np.bincount(components[annotated], minlength=sizes.size + 1)[1:]
+        )
 
-        def counts(keep: np.ndarray, tps=tps, sizes=sizes, n_ref=n_ref) -> np.ndarray:
+        def counts(keep: np.ndarray, tps=tps, counted=counted, n_ref=n_ref) -> np.ndarray:
             tp = int(tps[keep].sum())
-            return np.array([tp, int(sizes[keep].sum()) - tp, n_ref - tp], dtype=np.int64)
+            return np.array([tp, int(counted[keep].sum()) - tp, n_ref - tp], dtype=np.int64)
 
         largest = np.zeros(sizes.size, bool)
         if sizes.size:
@@ -319,6 +341,7 @@ def decide_postprocessing(
     size_fractions: Sequence[float] = SIZE_FRACTIONS,
     num_workers: int | None = None,
     progress: bool = True,
+    ignore_label: int | None = None,
 ) -> dict[str, Any]:
     """Decides the postprocessing steps on out-of-fold predictions (rule in the module docstring).
 
@@ -332,6 +355,8 @@ def decide_postprocessing(
             as its ``remove_small`` thresholds.
         num_workers: worker processes; default :func:`~segshare.data.parallel.default_num_workers`.
         progress: show a progress bar.
+        ignore_label: the references' value of unannotated voxels: they count nowhere (the
+            components are still those of the whole prediction, as applied later).
 
     Returns:
         JSON-ready ``{"format", "labels", "steps", "tried", "foreground_dice_before",
@@ -354,7 +379,7 @@ def decide_postprocessing(
     workers = default_num_workers() if num_workers is None else int(num_workers)
 
     def run(fn, extra: tuple, desc: str) -> list:
-        jobs = [(p, r, labels, *extra) for p, r in cases]
+        jobs = [(p, r, labels, ignore_label, *extra) for p, r in cases]
         return list(parallel_map(fn, jobs, workers, desc, progress, ordered=True))
 
     first = run(_first_pass, (), "postprocessing 1/2")

@@ -13,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from segshare.data.discovery import check_unique_case_files, parse_labels
+from segshare.data.discovery import IGNORE_LABEL, check_unique_case_files, parse_labels
 from segshare.data.io import (
     NIFTI_SUFFIXES,
     NiftiReadError,
@@ -125,6 +125,7 @@ def evaluate_case(
     nsd_tolerance_mm: float,
     hd95: str,
     pred_missing: bool = False,
+    ignore_label: int | None = None,
 ) -> dict:
     """Scores one case (runs in a worker process).
 
@@ -135,6 +136,8 @@ def evaluate_case(
         nsd_tolerance_mm: NSD tolerance.
         hd95: ``"monai"`` or ``"medpy"``.
         pred_missing: score an all-background prediction (the file does not exist).
+        ignore_label: the reference's value of unannotated voxels, counted nowhere
+            (:func:`~segshare.evaluation.metrics.compute_case_metrics`).
 
     Returns:
         nnU-Net style entry ``{"case_id", "reference_file", "prediction_file", "metrics",
@@ -152,17 +155,24 @@ def evaluate_case(
         top = int(max(ref.max(initial=0), pred.max(initial=0)))
         labels = list(range(1, top + 1))
     metrics = compute_case_metrics(
-        pred, ref, labels, spacing, nsd_tolerance_mm=nsd_tolerance_mm, hd95=hd95
+        pred,
+        ref,
+        labels,
+        spacing,
+        nsd_tolerance_mm=nsd_tolerance_mm,
+        hd95=hd95,
+        ignore_label=ignore_label,
     )
+    ignored = int(np.count_nonzero(ref == ignore_label)) if ignore_label is not None else 0
     return {
         "case_id": case_id,
         "reference_file": str(ref_path),
         "prediction_file": str(pred_path),
         "metrics": metrics,
         "ref_labels": [k for k, v in metrics.items() if v["n_ref"] > 0],
-        "num_voxels": int(ref.size),
+        "num_voxels": int(ref.size) - ignored,  # the annotated voxels
         "spacing": list(spacing),
-        "ref_values": label_values(ref),
+        "ref_values": [v for v in label_values(ref) if v != ignore_label],
         "pred_values": [] if pred_missing else label_values(pred),
     }
 
@@ -227,6 +237,12 @@ def load_label_names(ref_dir: Path, dataset_json: Path | None = None) -> dict[in
         message = str(err).removeprefix(f"{path}: ")
         raise ValueError(f"cannot read labels from '{path}': {message}") from err
     return {value: name for name, value in labels.items()}
+
+
+def ignore_label_of(names: dict[int, str]) -> int | None:
+    """The value of the label named ``ignore`` in ``{value: name}`` (:func:`load_label_names`),
+    or None."""
+    return next((v for v, n in names.items() if n == IGNORE_LABEL), None)
 
 
 def find_label_file(ref_dir: Path, dataset_json: Path | None = None) -> Path | None:

@@ -124,8 +124,12 @@ def budget_epochs(
 
 
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
-    """Dice of classes ``1..K-1`` (one confusion-matrix pass); NaN where both are empty."""
+    """Dice of classes ``1..K-1`` (one confusion-matrix pass); NaN where both are empty. Voxels
+    whose reference is ``>= K`` (the ignore label) are not counted."""
     labels = range(1, num_classes)
+    annotated = ref < num_classes
+    if not annotated.all():
+        pred, ref = pred[annotated], ref[annotated]
     metrics = overlap_metrics(pred, ref, labels)
     return np.array([metrics[k]["Dice"] for k in labels], dtype=np.float64)
 

@@ -56,7 +56,8 @@ def evaluate_trained_run(
     out = Path(run_dir) / "validation"
     pred_dir, ref_dir = out / "predictions", out / "references"
     ref_dir.mkdir(parents=True, exist_ok=True)
-    predictor = load_trained_run(run_dir).predictor(window)
+    run = load_trained_run(run_dir)
+    predictor = run.predictor(window)
     predict_cases(
         predictor,
         cases,
@@ -68,7 +69,13 @@ def evaluate_trained_run(
     for case in cases:
         _reference_link(Path(case.label), ref_dir / f"{case.case_id}.nii.gz")
     summary = evaluate_folders(
-        pred_dir, ref_dir, out, dataset_json=dataset_json, num_workers=1, progress=progress
+        pred_dir,
+        ref_dir,
+        out,
+        dataset_json=dataset_json,
+        num_workers=1,
+        progress=progress,
+        ignore_label=run.plan.ignore_label,
     )
     dice = summary["foreground_mean"].get("Dice", float("nan"))
     print(

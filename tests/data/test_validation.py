@@ -79,3 +79,20 @@ def test_channels_that_disagree(tmp_path):
     assert (
         len(problems) == 1 and "a_0001.nii.gz" in str(problems[0]) and "channel" in str(problems[0])
     )
+
+
+def test_brats_region_labels_are_refused_before_any_case_is_read(tmp_path):
+    """nnU-Net's BraTS regions once failed as "label values [1] are not in dataset.json labels
+    [0, 2]"; now the dataset.json itself is named, with the key and what would be accepted."""
+    root = make_msd_dataset(tmp_path / "ds", num_cases=2)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "whole tumor": [1, 2], "enhancing": 2}
+    meta["regions_class_order"] = [1, 2]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    problems, _ = validate_dataset(discover_dataset(root), progress=False)
+    text = [str(p) for p in problems]
+    assert any(
+        "dataset.json" in t and "'whole tumor': [1, 2] is a region" in t and "not built" in t
+        for t in text
+    ), text
+    assert not any("are not in dataset.json labels" in t for t in text), text

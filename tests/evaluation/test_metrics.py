@@ -203,3 +203,20 @@ def test_large_label_values_use_the_wide_path():
     assert m[17]["Dice"] == 1.0 and m[17]["HD95"] == 0.0
     assert (m[300]["TP"], m[300]["FN"], m[300]["FP"]) == (26, 1, 0)
     assert m[300]["VolDiff_ml"] == pytest.approx(-6.0 / 1000)
+
+
+def test_the_ignore_label_counts_nowhere():
+    ref = np.zeros((6, 6, 6), np.uint8)
+    ref[1:3, 1:3, 1:3] = 1
+    ref[:, :, 4:] = 9  # not annotated
+    pred = np.zeros_like(ref)
+    pred[1:3, 1:3, 1:3] = 1
+    pred[:, :, 5] = 1  # inside the ignored region: no false positive
+    got = compute_case_metrics(pred, ref, [1, 9], ignore_label=9)
+    assert list(got) == [1]  # the ignore label is never scored
+    m = got[1]
+    assert (m["TP"], m["FP"], m["FN"]) == (8, 0, 0) and m["Dice"] == 1.0
+    assert m["TN"] == 6 * 6 * 4 - 8  # the 72 ignored voxels are not negatives either
+    assert m["HD95"] == 0.0 and m["n_pred"] == 8
+    plain = compute_case_metrics(pred, np.where(ref == 9, 0, ref), [1])[1]
+    assert plain["FP"] == 36 and plain["Dice"] < 0.5  # without the rule: counted as errors

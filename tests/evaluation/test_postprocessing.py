@@ -351,3 +351,21 @@ def test_load_refuses_missing_and_unreadable(tmp_path):
     with pytest.raises(ValueError, match="binary.json") as err:
         load_postprocessing(binary)
     assert "postprocessing file" in str(err.value)
+
+
+def test_the_decision_does_not_count_components_in_the_ignored_region():
+    from segshare.evaluation.postprocessing import decide_postprocessing
+
+    ref = np.zeros((12, 12, 12), np.uint8)
+    ref[2:6, 2:6, 2:6] = 1
+    ref[:, :, 9:] = 2  # not annotated (ignore label 2)
+    pred = np.zeros_like(ref)
+    pred[2:6, 2:6, 2:6] = 1
+    pred[1:3, 1:3, 10:12] = 1  # a stray component inside the ignored region only
+    cases = [(pred, ref)] * 2
+    ignoring = decide_postprocessing(cases, [1], num_workers=1, progress=False, ignore_label=2)
+    assert ignoring["foreground_dice_before"] == 1.0 and ignoring["steps"] == []
+    counting = decide_postprocessing(
+        [(pred, np.where(ref == 2, 0, ref))] * 2, [1], num_workers=1, progress=False
+    )
+    assert counting["foreground_dice_before"] < 1.0 and counting["steps"]  # it would help

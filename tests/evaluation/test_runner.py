@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -21,7 +22,52 @@ def test_parse_labels_reads_both_layouts():
     assert parse_labels(NNUNET, "d.json") == want  # the region label is skipped
     problems: list[tuple[str, str]] = []
     assert parse_labels(NNUNET, "d.json", problems) == want
-    assert problems == [("d.json", "label entry 'whole': [1, 2] is not name->integer")]
+    assert len(problems) == 1 and problems[0][0] == "d.json"
+    assert "label 'whole': [1, 2] is a region" in problems[0][1]
+    assert "needs 'regions_class_order'" in problems[0][1]
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ({"background": 0, "a": 1.5}, r"label 'a': 1.5 is not an integer value"),
+        ({"background": 0, "a": True}, r"label 'a': True is not an integer value"),
+        ({"background": 0, "a": "one"}, r"label 'a': 'one' is not an integer value"),
+        ({"background": 0, "a": 1, "b": 1}, r"labels \['a', 'b'\] all have the value 1"),
+        (
+            {"background": 0, "ignore": 1, "a": 2},
+            r"label 'ignore' has the value 1, but the ignore label must have the highest value",
+        ),
+    ],
+)
+def test_labels_segshare_cannot_honour_are_refused_naming_the_key(labels, message):
+    problems: list[tuple[str, str]] = []
+    parse_labels(labels, "d.json", problems)
+    assert len(problems) == 1 and problems[0][0] == "d.json"
+    assert re.search(message, problems[0][1]), problems[0][1]
+    with pytest.raises(ValueError, match="d.json: " + message):
+        parse_labels(labels, "d.json")  # evaluation: raised
+
+
+def test_regions_with_a_class_order_are_refused_as_not_built():
+    problems: list[tuple[str, str]] = []
+    regions = {"background": 0, "whole tumor": [1, 2, 3], "enhancing": 3}
+    assert parse_labels(regions, "d.json", problems, regions_class_order=[1, 2, 3]) == {
+        "background": 0,
+        "enhancing": 3,
+    }
+    assert "'whole tumor': [1, 2, 3] is a region" in problems[0][1]
+    assert "region-based training is not built yet" in problems[0][1]
+    assert "needs 'regions_class_order'" not in problems[0][1]
+
+
+def test_the_ignore_label_is_kept_and_split_off():
+    from segshare.data.discovery import split_ignore_label
+
+    labels = parse_labels({"0": "background", "1": "a", "2": "ignore"}, "d.json")
+    assert labels == {"background": 0, "a": 1, "ignore": 2}
+    assert split_ignore_label(labels) == ({"background": 0, "a": 1}, 2)
+    assert split_ignore_label({"background": 0}) == ({"background": 0}, None)
 
 
 def test_parse_labels_non_mapping():

@@ -123,3 +123,36 @@ def test_budget_epochs_fill_the_time_left_after_epoch_0():
     assert budget_epochs(600, 70, 50, 20, 2) == 1 + int(530 // 60) == 9
     assert budget_epochs(60, 70, 50, 20, 1) == 1  # epoch 0 alone overran: it is the run
     assert budget_epochs(600, 10, 0, 0, 1) == 1
+
+
+def test_ignored_voxels_leave_the_loss_as_if_they_were_cut_away():
+    """Labels >= K (the ignore label) weigh nothing: the loss of a patch with a large ignored
+    region equals the loss of its annotated part alone, and the ignored logits get no gradient."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 8, 6, 5, 3)).astype("float32")
+    labels = rng.integers(0, 3, size=(2, 8, 6, 5)).astype("int32")
+    ignored = labels.copy()
+    ignored[:, 3:] = 3  # 5 of 8 slices not annotated: value K = 3
+    cut_labels, cut_logits = labels[:, :3], logits[:, :3]
+    for kwargs in ({}, {"include_background": True}, {"ce_weight": 0.0}, {"dice_weight": 0.0}):
+        np.testing.assert_allclose(
+            float(dice_ce_loss(ignored, logits, **kwargs)),
+            float(dice_ce_loss(cut_labels, cut_logits, **kwargs)),
+            rtol=1e-5,
+        )
+    variable = tf.Variable(logits)
+    with tf.GradientTape() as tape:
+        loss = DiceCELoss()(ignored, variable)
+    grad = tape.gradient(loss, variable).numpy()
+    assert np.all(grad[:, 3:] == 0) and np.any(grad[:, :3] != 0)
+    # everything ignored: a zero loss, not a NaN
+    assert float(dice_ce_loss(np.full_like(labels, 3), logits, dice_weight=0.0)) == 0.0
+
+
+def test_dice_per_class_leaves_ignored_voxels_out():
+    ref = np.array([[0, 1, 1, 3, 3, 3]])  # K = 3: value 3 is the ignore label
+    pred = np.array([[0, 1, 1, 1, 2, 0]])  # what it predicts there does not count
+    d = dice_per_class(pred, ref, 3)
+    assert d[0] == pytest.approx(1.0) and np.isnan(d[1])
