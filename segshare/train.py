@@ -32,13 +32,20 @@ from segshare.data.validation import DatasetError
 from segshare.models import check_patch_size, format_parameter_report, parameter_report
 from segshare.training.loop import Trainer, TrainingDiverged
 from segshare.training.run_folder import check_resumable, check_same_training, write_run_files
-from segshare.training.strategy import configure_runtime, is_chief, make_strategy, with_loss_scaling
+from segshare.training.strategy import (
+    check_backend,
+    configure_runtime,
+    is_chief,
+    make_strategy,
+    with_loss_scaling,
+)
 from segshare.training.validation import evaluate_fold
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     """Train (or resume) the run described by ``cfg``; returns (last metrics row, objects)."""
     settings = instantiate(cfg.trainer)
+    check_backend(settings.strategy, settings.precision)  # before any work
     strategy = make_strategy(settings.strategy)  # before any other TensorFlow work
     configure_runtime(settings.seed, settings.precision, settings.deterministic)
     data, window = instantiate(cfg.data), instantiate(cfg.window)

@@ -1,12 +1,15 @@
-"""One training loop for every ``tf.distribute`` strategy: custom step, real validation, resume.
+"""One training loop for every backend and strategy: custom step, real validation, resume.
 
 Keras 3 ``model.fit`` fails under ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585), so the
-step is ours: ``strategy.run`` of a ``GradientTape`` step on a Keras model and optimizer. Every
-epoch ends with sliding-window validation on whole cases (per-case Dice, not patch pseudo-Dice),
-an atomic ``latest`` checkpoint, and the best model (by foreground-mean Dice) as ``model.keras``.
-Everything random is derived from ``(seed, epoch)``, so a resumed run continues exactly. A run
-resumes only from a whole, verified checkpoint (:mod:`segshare.training.run_folder`): a damaged
-one is refused, never silently replaced by a fresh start.
+step is ours (:mod:`segshare.training.steps`: a ``GradientTape`` step under TensorFlow, a
+stateless ``jax.jit`` step under JAX); this loop holds everything else, the same on every
+backend. Every epoch ends with sliding-window validation on whole cases (per-case Dice, not
+patch pseudo-Dice), an atomic ``latest`` checkpoint, and the best model (by foreground-mean Dice)
+as ``model.keras``. Everything random is derived from ``(seed, epoch)``, so a resumed run
+continues exactly. A run resumes only from a whole, verified checkpoint
+(:mod:`segshare.training.run_folder`): a damaged one is refused, never silently replaced by a
+fresh start. TensorBoard logs are written through TensorFlow when it is installed (under JAX it
+is imported for nothing else, with its GPUs hidden).
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 from tqdm.auto import tqdm
 
 from segshare.data.augment import AugmentByLength
@@ -41,7 +44,8 @@ from segshare.training.checkpoints import (
 )
 from segshare.training.run_folder import RESUME_POINTS, content_checksums, resume_point, way_out
 from segshare.training.schedules import learning_rate_at
-from segshare.training.strategy import is_chief, resolve_jit_compile
+from segshare.training.steps import make_steps
+from segshare.training.strategy import is_chief, make_strategy, resolve_jit_compile
 
 
 class TrainingDiverged(RuntimeError):
@@ -123,6 +127,29 @@ def budget_epochs(
     return max(1, 1 + int(rest // per_epoch)) if per_epoch > 0 else 1
 
 
+def _tensorboard_writer(folder: Path) -> Callable[[dict], None] | None:
+    """A function writing one epoch's row as TensorBoard scalars, or None without TensorFlow."""
+    import importlib.util
+
+    if keras.backend.backend() != "tensorflow" and importlib.util.find_spec("tensorflow") is None:
+        print("TensorBoard logs need TensorFlow, which is not installed: train_log.csv only.")
+        return None
+    import tensorflow as tf
+
+    if keras.backend.backend() != "tensorflow":
+        tf.config.set_visible_devices([], "GPU")  # the GPUs stay JAX's
+    writer = tf.summary.create_file_writer(str(folder))
+
+    def write(row: dict) -> None:
+        with writer.as_default(step=int(row["epoch"])):
+            for key, value in row.items():
+                if key != "epoch":
+                    tf.summary.scalar(key, value)
+        writer.flush()
+
+    return write
+
+
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
     """Dice of classes ``1..K-1`` (one confusion-matrix pass); NaN where both are empty. Voxels
     whose reference is ``>= K`` (the ignore label) are not counted."""
@@ -154,7 +181,7 @@ class Trainer:
         run_dir: the run folder (checkpoints, log, ``model.keras``, TensorBoard).
         settings: the loop's settings.
         window: the sliding window of validation (``roi_size`` None = the training patch).
-        strategy: the ``tf.distribute`` strategy (default: the current one).
+        strategy: from :func:`~segshare.training.strategy.make_strategy` (default: one device).
     """
 
     def __init__(
@@ -167,9 +194,9 @@ class Trainer:
         settings: LoopSettings,
         window: WindowSettings,
         *,
-        strategy: tf.distribute.Strategy | None = None,
+        strategy: Any = None,
     ):
-        self.strategy = strategy or tf.distribute.get_strategy()
+        self.strategy = strategy if strategy is not None else make_strategy("default")
         self.model, self.optimizer, self.loss_fn, self.feed = model, optimizer, loss_fn, feed
         self.window = window.with_default_roi(feed.window_size)
         plan = feed.prepared.plan
@@ -182,27 +209,17 @@ class Trainer:
         self.chief = is_chief(self.strategy)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.log_path = self.run_dir / "train_log.csv"
-        self._train_step = tf.function(
-            self._distributed_step, jit_compile=resolve_jit_compile(settings.jit_compile)
+        self._steps = make_steps(
+            model,
+            optimizer,
+            loss_fn,
+            self.strategy,
+            jit_compile=resolve_jit_compile(settings.jit_compile),
+            num_workers=int(feed.data.num_workers),
         )
         self._predict = make_predict_fn(model)
         if feed.slice_axis is not None:  # a 2D network validates slice by slice
             self._predict = slice_predict_fn(self._predict, feed.slice_axis)
-
-    # -- steps -------------------------------------------------------------------------------
-    def _replica_step(self, x, y):
-        with tf.GradientTape() as tape:
-            outputs = self.model(x, training=True)
-            loss = self.loss_fn(y, outputs)
-            scaled = self.optimizer.scale_loss(loss / self.strategy.num_replicas_in_sync)
-        grads = tape.gradient(scaled, self.model.trainable_variables)
-        self.optimizer.apply(grads, self.model.trainable_variables)
-        return loss
-
-    def _distributed_step(self, iterator):
-        x, y = next(iterator)
-        per_replica = self.strategy.run(self._replica_step, args=(x, y))
-        return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
 
     # -- validation --------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
@@ -300,9 +317,7 @@ class Trainer:
         last: dict = {}
         if self.max_epochs is not None and start >= self.max_epochs:
             print(f"Nothing to do: {self.max_epochs} epochs already trained in {self.run_dir}.")
-        writer = (
-            tf.summary.create_file_writer(str(self.run_dir / "tensorboard")) if self.chief else None
-        )
+        writer = _tensorboard_writer(self.run_dir / "tensorboard") if self.chief else None
         epoch, ran = start, 0
         while self.max_epochs is None or epoch < self.max_epochs:
             if self.s.epochs_per_run and ran >= int(self.s.epochs_per_run):
@@ -370,8 +385,7 @@ class Trainer:
             if line != self._augment_line:
                 print(line)
             self._augment_line = line
-        dataset = self.feed.batches(epoch, total_steps)
-        iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
+        self._steps.start(self.feed.batches(epoch, total_steps))
         losses, seconds = [], []
         bar = tqdm(
             range(self.s.steps_per_epoch),
@@ -381,7 +395,7 @@ class Trainer:
         )
         for _ in bar:
             t = time.perf_counter()
-            loss = float(self._train_step(iterator))
+            loss = self._steps.step()
             seconds.append(time.perf_counter() - t)
             if not math.isfinite(loss):
                 raise TrainingDiverged(
@@ -390,6 +404,7 @@ class Trainer:
                 )
             losses.append(loss)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        self._steps.finish()
         return float(np.mean(losses)), seconds
 
     def _checkpoint(self, name: str, epoch: int, best: float, lr: float) -> None:
@@ -399,11 +414,8 @@ class Trainer:
     def _record(self, row: dict, writer) -> None:
         """One epoch's row into ``train_log.csv``, TensorBoard and the console."""
         self._append_log(row)
-        with writer.as_default(step=row["epoch"]):
-            for key, value in row.items():
-                if key != "epoch":
-                    tf.summary.scalar(key, value)
-        writer.flush()
+        if writer is not None:
+            writer(row)
         print(
             " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
         )

@@ -1,17 +1,21 @@
-"""The runtime of training: the ``tf.distribute`` strategy (one device, local GPUs, several
-machines), seeds, determinism, precision and XLA.
+"""The runtime of training: where it runs (one device, local devices, several machines), seeds,
+determinism, precision and XLA, for the TensorFlow and the JAX backend.
 
-``auto`` picks ``MultiWorkerMirroredStrategy`` when a cluster is described (``TF_CONFIG`` with more
-than one worker, or a SLURM job of several tasks), ``MirroredStrategy`` with several local GPUs, and
-the default strategy otherwise.
+TensorFlow: ``auto`` picks ``MultiWorkerMirroredStrategy`` when a cluster is described
+(``TF_CONFIG`` with more than one worker, or a SLURM job of several tasks), ``MirroredStrategy``
+with several local GPUs, and the default strategy otherwise. JAX: ``auto`` (or ``mirrored``) is
+data parallel over the local devices (``keras.distribution.DataParallel``) when there are several;
+``multi_worker`` is refused. TensorFlow is imported only under its backend.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from typing import Any
 
-import tensorflow as tf
+import keras
 
 from segshare.devices import accelerator_present
 
@@ -31,10 +35,15 @@ def _slurm_tasks() -> int:
     return int(os.environ.get("SLURM_NTASKS", "1") or 1)
 
 
-def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
-    """Create the strategy named ``name`` (one of :data:`STRATEGIES`)."""
+def make_strategy(name: str = "auto") -> Any:
+    """The strategy named ``name`` (one of :data:`STRATEGIES`) for the Keras backend: a
+    ``tf.distribute.Strategy``, or a :class:`JaxStrategy`."""
     if name not in STRATEGIES:
         raise ValueError(f"trainer.strategy must be one of {STRATEGIES}, got {name!r}.")
+    if keras.backend.backend() != "tensorflow":
+        return JaxStrategy(data_parallel=name in ("auto", "mirrored"))
+    import tensorflow as tf
+
     multi = _tf_config_workers() > 1 or _slurm_tasks() > 1
     if name == "auto":
         gpus = tf.config.list_physical_devices("GPU")
@@ -49,7 +58,61 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
+def check_backend(strategy: str, precision: str) -> None:
+    """Refuse, before any work, what the current backend cannot train.
+
+    Raises:
+        ValueError: an unsupported backend, or a strategy or precision it lacks, naming what to
+            use instead.
+    """
+    name = keras.backend.backend()
+    if strategy not in STRATEGIES:
+        raise ValueError(f"trainer.strategy must be one of {STRATEGIES}, got {strategy!r}.")
+    if name == "tensorflow":
+        return
+    if name != "jax":
+        raise ValueError(
+            f"segshare-train runs under KERAS_BACKEND=tensorflow or jax, not {name!r} (the model "
+            f"and segshare-predict run under {name}); train with KERAS_BACKEND=jax or tensorflow."
+        )
+    if strategy == "multi_worker":
+        raise ValueError(
+            "trainer.strategy=multi_worker is TensorFlow's MultiWorkerMirroredStrategy; under "
+            "KERAS_BACKEND=jax use trainer.strategy=auto (data parallel over the local devices), "
+            "or train on several machines with KERAS_BACKEND=tensorflow."
+        )
+    if precision == "mixed_float16":
+        raise ValueError(
+            "trainer.precision=mixed_float16 needs loss scaling, which segshare's JAX step does "
+            "not do; use trainer.precision=mixed_bfloat16 (no loss scaling needed) under "
+            "KERAS_BACKEND=jax, or mixed_float16 with KERAS_BACKEND=tensorflow."
+        )
+
+
+class JaxStrategy:
+    """What the loop needs of a strategy under JAX: its scope (the Keras distribution over the
+    local devices, if several) and the replica count."""
+
+    def __init__(self, data_parallel: bool):
+        import jax
+
+        self.devices = jax.devices()
+        self.distribution = (
+            keras.distribution.DataParallel(devices=self.devices)
+            if data_parallel and len(self.devices) > 1
+            else None
+        )
+        self.num_replicas_in_sync = len(self.devices) if self.distribution else 1
+        self.cluster_resolver = None  # one process: always the chief
+
+    def scope(self):
+        """Variables created inside are replicated over the devices (data parallel)."""
+        if self.distribution is None:
+            return contextlib.nullcontext()
+        return self.distribution.scope()
+
+
+def is_chief(strategy: Any) -> bool:
     """Whether this process writes the run's files (worker 0 of a cluster, else always)."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not getattr(resolver, "task_type", None):
@@ -63,11 +126,11 @@ def configure_runtime(seed: int, precision: str, deterministic: bool) -> None:
     """Seed every generator (Python, NumPy, Keras/TensorFlow), optionally make TensorFlow's ops
     deterministic, and set the Keras dtype policy (``float32 | mixed_float16 | mixed_bfloat16``).
     """
-    import keras
-
     keras.utils.set_random_seed(int(seed))
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
+    if deterministic and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()  # JAX on CPU is deterministic as it is
     keras.mixed_precision.set_global_policy(str(precision))
 
 
@@ -83,8 +146,6 @@ def resolve_jit_compile(setting: bool | str) -> bool:
 
 def with_loss_scaling(optimizer, precision: str):
     """The optimizer, wrapped in Keras' dynamic loss scaling when ``precision`` is float16."""
-    import keras
-
     if precision == "mixed_float16":
         return keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
