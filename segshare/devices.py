@@ -4,13 +4,15 @@ the runtime's XLA default ask, answered by the active Keras backend without impo
 from __future__ import annotations
 
 import functools
-import os
 
 
 @functools.cache
 def accelerator_present() -> bool:
-    """True when the Keras backend (``KERAS_BACKEND``, default TensorFlow) sees a GPU."""
-    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    """True when the Keras backend (``KERAS_BACKEND`` or ``~/.keras/keras.json``, default
+    TensorFlow) sees a GPU."""
+    import keras
+
+    backend = keras.backend.backend()
     if backend == "jax":
         import jax
 

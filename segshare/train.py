@@ -34,6 +34,7 @@ from segshare.training.loop import Trainer, TrainingDiverged
 from segshare.training.run_folder import check_resumable, check_same_training, write_run_files
 from segshare.training.strategy import (
     check_backend,
+    check_batch_split,
     configure_runtime,
     is_chief,
     make_strategy,
@@ -55,6 +56,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     plan = prepared.plan
     resuming = check_resumable(run_dir, plan, settings.resume_from)  # before anything is written
     data, planned, slice_axis = planned_settings(plan, str(cfg.configuration), data, cfg.model)
+    check_batch_split(strategy, data.batch_size)
     split = {
         "fold": data.fold,
         "num_folds": int(data.num_folds),

@@ -10,7 +10,11 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+@pytest.mark.parametrize(
+    "backend",
+    # the JAX row is slow (compiles per scheme); JAX training has its own default tests
+    ["tensorflow", pytest.param("jax", marks=pytest.mark.slow)],
+)
 def test_bench_train_prints_a_row_per_scheme(backend):
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     args = ["--patch", "16", "16", "16", "--features", "4", "8", "--rounds", "2", "--steps", "1"]

@@ -17,7 +17,11 @@ SAMPLES_PER_CASE = 10_000
 
 
 def case_statistics(
-    image: np.ndarray, label: np.ndarray | None, affine: np.ndarray, seed: int = 0
+    image: np.ndarray,
+    label: np.ndarray | None,
+    affine: np.ndarray,
+    seed: int = 0,
+    ignore_label: int | None = None,
 ) -> dict[str, Any]:
     """Statistics of one case for the fingerprint.
 
@@ -26,6 +30,7 @@ def case_statistics(
         label: ``(I, J, K)`` integer label map or None.
         affine: the 4x4 voxel-to-world affine.
         seed: seed for the foreground intensity sample.
+        ignore_label: the value of unannotated voxels: never foreground intensities.
 
     Returns:
         ``spacing`` (RAS order), ``shape`` and ``cropped_shape`` (RAS order), per-channel
@@ -39,7 +44,12 @@ def case_statistics(
         lbl_ras, _, _ = reorient_to_ras(label, affine)
         mask |= lbl_ras > 0
     box = nonzero_bbox(mask)
-    fg = (lbl_ras > 0) if lbl_ras is not None and (lbl_ras > 0).any() else mask
+    annotated_fg = None
+    if lbl_ras is not None:
+        annotated_fg = lbl_ras > 0
+        if ignore_label is not None:
+            annotated_fg &= lbl_ras != ignore_label
+    fg = annotated_fg if annotated_fg is not None and annotated_fg.any() else mask
     rng = np.random.default_rng(seed)
     samples = []
     for c in range(ras.shape[-1]):

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from segshare.data.discovery import Case, Dataset, is_inside
+from segshare.data.discovery import IGNORE_LABEL, Case, Dataset, is_inside
 from segshare.data.fingerprint import case_statistics
 from segshare.data.io import (
     NiftiReadError,
@@ -167,6 +167,7 @@ def check_case(
     affine_tol: float = 1e-3,
     num_channels: int | None = None,
     seed: int = 0,
+    ignore_label: int | None = None,
 ) -> CaseCheck:
     """Check one case fully; compute its fingerprint statistics when it has no problem."""
     out: list[Problem] = []
@@ -207,7 +208,8 @@ def check_case(
     lbl = None
     if label is not None:
         lbl = label if label.dtype.kind in "iu" else np.rint(label).astype(np.int16)
-    return CaseCheck(case.case_id, [], case_statistics(image, lbl, opened[0][2].affine, seed))
+    stats = case_statistics(image, lbl, opened[0][2].affine, seed, ignore_label)
+    return CaseCheck(case.case_id, [], stats)
 
 
 def _check_star(args: tuple) -> CaseCheck:
@@ -231,7 +233,10 @@ def validate_dataset(
     problems = [Problem(p, m) for p, m in dataset.problems]
     if not dataset.cases:
         problems.append(Problem(str(dataset.root), "no cases found"))
+    if any(Path(p.path).name == "dataset.json" for p in problems):
+        return problems, {}  # the dataset.json is refused: no case is read against it
     allowed = set(dataset.labels.values()) if dataset.labels else None
+    ignore = dataset.labels.get(IGNORE_LABEL)
     n_ch = len(dataset.channel_names) if dataset.channel_names else None
     jobs = []
     for i, case in enumerate(dataset.cases):
@@ -243,7 +248,7 @@ def validate_dataset(
             problems.append(Problem(str(case.images[0]), f"case {case.case_id!r} has no label"))
         files = [*case.images, *([case.label] if case.label else [])]
         if all(is_inside(dataset.root, f) for f in files):  # never open files outside the root
-            jobs.append((case, allowed, max_voxels, affine_tol, n_ch, i))
+            jobs.append((case, allowed, max_voxels, affine_tol, n_ch, i, ignore))
     results = parallel_map(  # report in case order, not finishing order
         _check_star, jobs, num_workers, "validate", progress, ordered=True
     )

@@ -6,9 +6,13 @@ Dice; a case where none has one is left out of both sides). Over the cases score
 
 * the mean difference ``other - reference`` with a 95 % bootstrap interval of that mean
   (``scipy.stats.bootstrap``, BCa, resampling cases, a fixed seed), and
-* the two-sided Wilcoxon signed-rank p (``scipy.stats.wilcoxon``) of the differences.
+* the two-sided Wilcoxon signed-rank p (``scipy.stats.wilcoxon``, ``zero_method="zsplit"``:
+  cases with no difference count, as they do in the mean).
 
-A difference whose interval contains 0 is not supported by the data.
+A difference whose interval contains 0 is not supported by the data. With few cases the two can
+disagree (an interval above 0 from 2 cases, Wilcoxon p 0.5): read both. The mean difference is
+over cases; the ranking's Dice is the mean over labels of per-label means, so the two differ when
+a case misses a label.
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ def paired_comparison(
 
     Returns:
         ``{"num_cases", "mean_difference", "ci95": [low, high], "wilcoxon_p", "better_cases",
-        "worse_cases"}``; the interval and p are NaN below 2 cases or when every difference
-        is 0 (p is then 1).
+        "worse_cases"}``; the interval and p are NaN for 1 case; when every difference is the
+        same ``d`` the interval is ``[d, d]`` (p 1 when ``d`` is 0).
 
     Raises:
         ValueError: no case is scored by both.
@@ -61,11 +65,12 @@ def paired_comparison(
         "better_cases": int((diff > 0).sum()),
         "worse_cases": int((diff < 0).sum()),
     }
-    if not np.any(diff != 0):
-        result["wilcoxon_p"] = 1.0
-        result["ci95"] = [0.0, 0.0]
-        return result
-    if len(common) >= 2:
+    if np.ptp(diff) == 0:  # one value: no spread to resample (BCa would be NaN)
+        result["ci95"] = [float(diff[0]), float(diff[0])]
+        if diff[0] == 0:
+            result["wilcoxon_p"] = 1.0
+            return result
+    if len(common) >= 2 and np.ptp(diff) > 0:
         boot = stats.bootstrap(
             (diff,),
             np.mean,
@@ -75,7 +80,10 @@ def paired_comparison(
             random_state=np.random.default_rng(seed),
         )
         result["ci95"] = [float(boot.confidence_interval.low), float(boot.confidence_interval.high)]
-        result["wilcoxon_p"] = float(stats.wilcoxon(diff, alternative="two-sided").pvalue)
+    if len(common) >= 2:
+        result["wilcoxon_p"] = float(
+            stats.wilcoxon(diff, zero_method="zsplit", alternative="two-sided").pvalue
+        )
     return result
 
 

@@ -164,11 +164,9 @@ def _mirrored_mean(x: Any, flips: list[tuple[int, ...]], probabilities: Callable
 
 
 def _jax_predict_fn(model: Any, flips: list[tuple[int, ...]]) -> Callable[[np.ndarray], np.ndarray]:
-    """The JAX version of :func:`make_predict_fn`: one jitted stateless forward + softmax."""
+    """The JAX version of :func:`make_predict_fn`: one jitted stateless forward + softmax, over
+    the variables' values at each call (training assigns new ones between validations)."""
     import jax
-
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
 
     @jax.jit
     def forward(trainable, non_trainable, x):
@@ -187,6 +185,8 @@ def _jax_predict_fn(model: Any, flips: list[tuple[int, ...]]) -> Callable[[np.nd
         if n < batch_size[0]:  # same shape as the first call: no recompilation
             pad = np.zeros((batch_size[0] - n, *batch.shape[1:]), batch.dtype)
             batch = np.concatenate([batch, pad])
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
         return np.asarray(forward(trainable, non_trainable, batch))[:n]
 
     return predict

@@ -393,17 +393,21 @@ class Trainer:
             disable=not (self.s.progress and self.chief),
             leave=False,
         )
-        for _ in bar:
-            t = time.perf_counter()
-            loss = self._steps.step()
-            seconds.append(time.perf_counter() - t)
-            if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"Loss became {loss} in epoch {epoch}; stopped. The last good checkpoint "
-                    f"is kept in {self.ckpt_dir / 'latest'}."
-                )
-            losses.append(loss)
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        try:
+            for _ in bar:
+                t = time.perf_counter()
+                loss = self._steps.step()
+                seconds.append(time.perf_counter() - t)
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"Loss became {loss} in epoch {epoch}; stopped. The last good checkpoint "
+                        f"is kept in {self.ckpt_dir / 'latest'}."
+                    )
+                losses.append(loss)
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        except BaseException:
+            self._steps.abort()  # workers released; nothing of the failed epoch is kept
+            raise
         self._steps.finish()
         return float(np.mean(losses)), seconds
 

@@ -17,6 +17,7 @@ checkpoints, ``model.keras`` and resumption are the same on every backend.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -36,6 +37,10 @@ class Steps(Protocol):
 
     def finish(self) -> None:
         """End the epoch: the model and optimizer variables hold the state."""
+
+    def abort(self) -> None:
+        """Stop an epoch that failed: release its workers; the variables are left as they were
+        at its start or last ``finish`` (the last checkpoint's state is what a resume uses)."""
 
 
 def make_steps(
@@ -93,6 +98,9 @@ class TensorFlowSteps:
     def finish(self) -> None:
         self._iterator = None
 
+    def abort(self) -> None:
+        self._iterator = None
+
 
 class JaxSteps:
     """One ``jax.jit`` of Keras' stateless step; the variables as arrays during an epoch."""
@@ -121,8 +129,9 @@ class JaxSteps:
         self._jax = jax
         self._step = jax.jit(train_step)
         self._state: tuple | None = None
-        self._batches: Iterator | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque = deque()  # batches being made, in order
+        self._next, self._dataset = 0, None
 
     def _place(self, array: np.ndarray):
         """A batch on the devices: split along the batch axis when data parallel."""
@@ -139,27 +148,39 @@ class JaxSteps:
             [v.value for v in self.optimizer.variables],
         )
         self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="segshare-batch")
-        self._batches = self._pool.map(dataset.__getitem__, range(len(dataset)))
+        self._dataset, self._next = dataset, 0
+        for _ in range(2 * self.num_workers):  # a few batches ahead, never the whole epoch
+            self._submit()
+
+    def _submit(self) -> None:
+        if self._next < len(self._dataset):
+            self._pending.append(self._pool.submit(self._dataset.__getitem__, self._next))
+            self._next += 1
 
     def step(self) -> float:
-        x, y = next(self._batches)
+        x, y = self._pending.popleft().result()
+        self._submit()
         loss, self._state = self._step(self._state, self._place(x), self._place(y))
         return float(loss)
 
-    def finish(self) -> None:
+    def abort(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool, self._batches = None, None
-        if self._state is None:
+        self._pool, self._dataset, self._state = None, None, None
+        self._pending.clear()
+
+    def finish(self) -> None:
+        state = self._state
+        self.abort()
+        if state is None:
             return
-        trainable, non_trainable, optimizer_vars = self._state
+        trainable, non_trainable, optimizer_vars = state
         for variable, value in zip(self.model.trainable_variables, trainable, strict=True):
             variable.assign(value)
         for variable, value in zip(self.model.non_trainable_variables, non_trainable, strict=True):
             variable.assign(value)
         for variable, value in zip(self.optimizer.variables, optimizer_vars, strict=True):
             variable.assign(value)
-        self._state = None
 
 
 __all__ = ["JaxSteps", "Steps", "TensorFlowSteps", "make_steps"]

@@ -112,6 +112,21 @@ class JaxStrategy:
         return self.distribution.scope()
 
 
+def check_batch_split(strategy: Any, batch_size: int) -> None:
+    """Refuse a batch that JAX's data parallelism cannot split evenly over its devices.
+
+    Raises:
+        ValueError: naming the batch, the devices and the two ways out.
+    """
+    n = int(getattr(strategy, "num_replicas_in_sync", 1))
+    if isinstance(strategy, JaxStrategy) and n > 1 and int(batch_size) % n:
+        raise ValueError(
+            f"data.batch_size={batch_size} does not split over the {n} local devices that "
+            f"trainer.strategy=auto trains on under JAX; set data.batch_size to a multiple of {n}, "
+            f"or trainer.strategy=default for one device."
+        )
+
+
 def is_chief(strategy: Any) -> bool:
     """Whether this process writes the run's files (worker 0 of a cluster, else always)."""
     resolver = getattr(strategy, "cluster_resolver", None)

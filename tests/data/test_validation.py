@@ -89,10 +89,25 @@ def test_brats_region_labels_are_refused_before_any_case_is_read(tmp_path):
     meta["labels"] = {"background": 0, "whole tumor": [1, 2], "enhancing": 2}
     meta["regions_class_order"] = [1, 2]
     (root / "dataset.json").write_text(json.dumps(meta))
-    problems, _ = validate_dataset(discover_dataset(root), progress=False)
+    problems, stats = validate_dataset(discover_dataset(root), progress=False)
+    assert stats == {}  # no case was read against a refused dataset.json
     text = [str(p) for p in problems]
     assert any(
         "dataset.json" in t and "'whole tumor': [1, 2] is a region" in t and "not built" in t
         for t in text
     ), text
     assert not any("are not in dataset.json labels" in t for t in text), text
+
+
+def test_ignored_voxels_are_no_foreground_intensities():
+    from segshare.data.fingerprint import case_statistics
+
+    image = np.zeros((6, 6, 6, 1), np.float32)
+    image[:3] = 100.0  # the annotated foreground
+    image[3:] = -50.0  # the ignored region
+    label = np.zeros((6, 6, 6), np.uint8)
+    label[:3, :3] = 1
+    label[3:] = 2
+    stats = case_statistics(image, label, np.eye(4), ignore_label=2)
+    assert set(np.unique(stats["fg_samples"][0])) == {100.0}
+    assert -50.0 in case_statistics(image, label, np.eye(4))["fg_samples"][0]

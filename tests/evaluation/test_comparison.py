@@ -50,3 +50,11 @@ def test_case_scores_average_the_foreground_labels_that_have_a_dice():
         ],
     }
     assert case_scores(summary) == pytest.approx({"x": 0.7, "y": 0.5})
+
+
+def test_a_constant_difference_has_a_point_interval_not_nan():
+    reference = {f"c{i}": 0.5 + i / 100 for i in range(12)}
+    other = {k: v + 0.01 for k, v in reference.items()}
+    result = paired_comparison(reference, other)
+    assert result["ci95"] == pytest.approx([0.01, 0.01])
+    assert result["wilcoxon_p"] < 0.01 and result["better_cases"] == 12

@@ -192,7 +192,8 @@ def test_the_gpu_check_runs_on_a_cpu_in_its_tiny_form(tmp_path):
 
 def test_jax_splits_each_batch_over_the_local_devices():
     """Two (simulated) local devices: the batch is split across them, and one step gives the loss
-    and weights of the one-device step."""
+    and weights of the one-device step; an aborted epoch keeps the variables; the validation
+    function sees the weights a step wrote back."""
     script = textwrap.dedent(
         """
         import os
@@ -201,7 +202,8 @@ def test_jax_splits_each_batch_over_the_local_devices():
         from segshare.losses import DiceCELoss
         from segshare.models import build_unet
         from segshare.training.steps import JaxSteps
-        from segshare.training.strategy import JaxStrategy
+        from segshare.inference.model_io import make_predict_fn
+        from segshare.training.strategy import JaxStrategy, check_batch_split
 
         rng = np.random.default_rng(0)
         batch = (rng.normal(size=(2, 8, 8, 8, 1)).astype("float32"),
@@ -216,13 +218,29 @@ def test_jax_splits_each_batch_over_the_local_devices():
                 optimizer = keras.optimizers.SGD(learning_rate=0.1)  # Adam would amplify noise
                 optimizer.build(model.trainable_variables)
             steps = JaxSteps(model, optimizer, DiceCELoss(), strategy, 1)
+            predict = make_predict_fn(model)  # built once, as the trainer's validation
+            before = predict(batch[0])
+            start = [np.asarray(v.value) for v in model.trainable_variables]
+            steps.start([batch] * 6)
+            steps.abort()  # a failed epoch: workers released, the variables as they were
+            assert steps._pool is None and not steps._pending
+            for v, w in zip(model.trainable_variables, start):
+                np.testing.assert_array_equal(np.asarray(v.value), w)
             steps.start([batch])
             if parallel:
                 placed = steps._place(batch[0])
                 assert len(placed.sharding.device_set) == 2, placed.sharding
                 assert strategy.num_replicas_in_sync == 2
+                check_batch_split(strategy, 2)
+                try:
+                    check_batch_split(strategy, 3)
+                    raise AssertionError("an odd batch over 2 devices was accepted")
+                except ValueError as err:
+                    assert "data.batch_size=3 does not split over the 2" in str(err)
             loss = steps.step()
             steps.finish()
+            # validation sees the trained weights, not the ones the function was built with
+            assert not np.allclose(predict(batch[0]), before)
             results.append((loss, [np.asarray(v.value) for v in model.trainable_variables]))
         (a, wa), (b, wb) = results
         assert abs(a - b) < 1e-4 * abs(a), (a, b)
