@@ -330,6 +330,7 @@ class Trainer:
             loss, step_seconds = self._train_epoch(epoch, lr, planned * self.s.steps_per_epoch)
             row = {"epoch": epoch, "train_loss": loss, "lr": lr}
             t_val = time.perf_counter()
+            improved = False
             if self.chief and (
                 (epoch + 1) % self.s.val_every == 0
                 or epoch + 1 == self.max_epochs
@@ -338,11 +339,13 @@ class Trainer:
                 row.update(self.validate())
                 score = row["val_dice_fg_mean"]
                 if math.isfinite(score) and score > best:
-                    best = score
+                    best, improved = score, True
                     self._save_best()
                     self._checkpoint("best", epoch, best, lr)
             if self.max_epochs is None:
                 self._fix_budget(t0, t_val, step_seconds)
+                if improved:  # "best" was written above, before the budget: now with its epochs
+                    self._checkpoint("best", epoch, best, lr)
             row["best_val_dice_fg_mean"] = best if math.isfinite(best) else float("nan")
             row["seconds"] = round(time.perf_counter() - t0, 2)
             if self.chief:

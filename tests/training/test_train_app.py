@@ -141,6 +141,8 @@ def test_a_time_budget_derives_the_epochs_once_and_resume_keeps_them(make_cfg, t
     state = json.loads((run / "checkpoints" / "latest" / "state.json").read_text())
     epochs = state["max_epochs"]
     assert epochs >= 1 and f"Budget 0.05 min: {epochs} epochs of 3 steps" in capsys.readouterr().out
+    best = json.loads((run / "checkpoints" / "best" / "state.json").read_text())
+    assert best["max_epochs"] == epochs  # resume_from=best keeps the budget's epochs too
     train(make_cfg("trainer.budget_minutes=0.05", run_dir=run))  # resumes: the same epoch count
     assert [int(r["epoch"]) for r in _log(run)] == list(range(epochs))
     with pytest.raises(ValueError, match="trainer.budget_minutes must be > 0"):
