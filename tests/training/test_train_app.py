@@ -208,6 +208,7 @@ def _cli(overrides: list[str], run_dir: Path, data_root: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # about a minute; pytest -m slow (the suite stays under 10 minutes)
 def test_sigkill_during_an_epoch_resumes_from_last_completed_epoch(tiny_data_root, tmp_path):
     run = tmp_path / "killed"
     cmd = _cli(["trainer.max_epochs=3", "trainer.steps_per_epoch=40"], run, tiny_data_root)
@@ -257,6 +258,7 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+@pytest.mark.slow  # about a minute; pytest -m slow (the suite stays under 10 minutes)
 def test_two_workers_on_loopback_end_with_identical_weights(make_cfg, tmp_path):
     from segshare.cli import instantiate
     from segshare.data.prepare import prepare_dataset
