@@ -65,12 +65,11 @@ def paired_comparison(
         "better_cases": int((diff > 0).sum()),
         "worse_cases": int((diff < 0).sum()),
     }
+    if len(common) < 2:
+        return result
     if np.ptp(diff) == 0:  # one value: no spread to resample (BCa would be NaN)
         result["ci95"] = [float(diff[0]), float(diff[0])]
-        if diff[0] == 0:
-            result["wilcoxon_p"] = 1.0
-            return result
-    if len(common) >= 2 and np.ptp(diff) > 0:
+    else:
         boot = stats.bootstrap(
             (diff,),
             np.mean,
@@ -80,7 +79,9 @@ def paired_comparison(
             random_state=np.random.default_rng(seed),
         )
         result["ci95"] = [float(boot.confidence_interval.low), float(boot.confidence_interval.high)]
-    if len(common) >= 2:
+    if not np.any(diff):
+        result["wilcoxon_p"] = 1.0  # no difference at all (scipy would warn and give NaN)
+    else:
         result["wilcoxon_p"] = float(
             stats.wilcoxon(diff, zero_method="zsplit", alternative="two-sided").pvalue
         )
