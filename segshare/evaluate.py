@@ -47,6 +47,14 @@ def _print_summary(summary: dict, output: str) -> None:
             f"  label {key} ({name}): Dice {m['Dice']:.4f}  HD95 {m['HD95']:.3f} mm  "
             f"NSD {m['NSD']:.4f}"
         )
+    for name, values in summary.get("regions", {}).items():
+        m = summary["region_mean"][name]
+        print(
+            f"  region {name} ({'+'.join(map(str, values))}): Dice {m['Dice']:.4f}  "
+            f"HD95 {m['HD95']:.3f} mm  NSD {m['NSD']:.4f}"
+        )
+    if "region_foreground_mean" in summary:
+        print(f"  region mean Dice {summary['region_foreground_mean']['Dice']:.4f}")
     print(f"  foreground mean Dice {fg['Dice']:.4f}; reports in {output}")
 
 

@@ -7,6 +7,11 @@ outputs logits).
 A label value ``>= K`` is the ignore label (the dataset's ``ignore``, above every class: the
 plan's ``ignore_label``): such voxels are masked out of every sum, so the loss of a patch equals
 the loss of its annotated voxels alone.
+
+Region-based training (nnU-Net's BraTS setup; the plan's ``regions``): the network has one
+output per region, each a sigmoid; the target of region ``r`` is 1 where the label is one of the
+region's values, and the loss is binary cross-entropy + soft Dice over the regions. A label above
+every region value is the ignore label there, masked out the same way.
 """
 
 from __future__ import annotations
@@ -57,6 +62,51 @@ def _classes_and_mask(labels, num_classes):
     return ops.where(annotated, labels, ops.zeros_like(labels)), ops.cast(annotated, "float32")
 
 
+def region_targets(labels, regions: Sequence[Sequence[int]]):
+    """``(B, *spatial, R)`` float32 targets: 1 where the label is one of region ``r``'s values."""
+    labels = ops.cast(labels, "int32")
+    channels = [
+        sum(ops.cast(ops.equal(labels, int(v)), "float32") for v in values) for values in regions
+    ]
+    return ops.stack(channels, axis=-1)
+
+
+def region_dice_bce_loss(
+    labels,
+    logits,
+    regions: Sequence[Sequence[int]],
+    dice_weight: float = 1.0,
+    bce_weight: float = 1.0,
+    smooth: float = 1e-5,
+):
+    """``dice_weight * (1 - mean soft Dice over regions) + bce_weight * mean BCE`` on sigmoid
+    outputs (nnU-Net's ``DC_and_BCE_loss``; batch Dice), over the annotated voxels: labels above
+    every region value (the ignore label) are masked out.
+
+    Args:
+        labels: Integer labels ``(B, *spatial)``.
+        logits: ``(B, *spatial, R)``, one per region.
+        regions: the values of each region, in output order.
+    """
+    logits = ops.cast(logits, "float32")
+    top = max(int(v) for values in regions for v in values)
+    mask = ops.cast(ops.less_equal(ops.cast(labels, "int32"), top), "float32")[..., None]
+    targets = region_targets(labels, regions) * mask
+    total = 0.0
+    if bce_weight:
+        bce = ops.binary_crossentropy(targets, logits, from_logits=True) * mask
+        count = ops.maximum(ops.sum(mask) * len(regions), 1.0)
+        total = total + bce_weight * ops.sum(bce) / count
+    if dice_weight:
+        probs = ops.sigmoid(logits) * mask
+        axes = tuple(range(len(logits.shape) - 1))
+        intersection = ops.sum(probs * targets, axis=axes)
+        denominator = ops.sum(probs, axis=axes) + ops.sum(targets, axis=axes)
+        dice = (2.0 * intersection + smooth) / (denominator + smooth)
+        total = total + dice_weight * (1.0 - ops.mean(dice))
+    return total
+
+
 def dice_ce_loss(
     labels,
     logits,
@@ -103,7 +153,9 @@ def _level_factors(labels, logits, level: int) -> tuple[int, ...] | int:
 class DiceCELoss(keras.losses.Loss):
     """Soft Dice + cross-entropy; with a list of logits (deep supervision, full resolution first)
     each level is compared with labels downsampled to it and weighted by
-    :func:`deep_supervision_weights`."""
+    :func:`deep_supervision_weights`. With ``regions`` (the plan's region values), soft Dice +
+    binary cross-entropy on sigmoid outputs (:func:`region_dice_bce_loss`; ``ce_weight`` weighs
+    the BCE, ``include_background`` does not apply)."""
 
     def __init__(
         self,
@@ -111,6 +163,7 @@ class DiceCELoss(keras.losses.Loss):
         ce_weight: float = 1.0,
         include_background: bool = False,
         smooth: float = 1e-5,
+        regions: Sequence[Sequence[int]] | None = None,
         name: str = "dice_ce",
         **kwargs,
     ):
@@ -119,8 +172,13 @@ class DiceCELoss(keras.losses.Loss):
         self.ce_weight = float(ce_weight)
         self.include_background = bool(include_background)
         self.smooth = float(smooth)
+        self.regions = [[int(v) for v in r] for r in regions] if regions else None
 
     def _single(self, labels, logits):
+        if self.regions:
+            return region_dice_bce_loss(
+                labels, logits, self.regions, self.dice_weight, self.ce_weight, self.smooth
+            )
         return dice_ce_loss(
             labels, logits, self.dice_weight, self.ce_weight, self.include_background, self.smooth
         )
@@ -144,4 +202,5 @@ class DiceCELoss(keras.losses.Loss):
             "ce_weight": self.ce_weight,
             "include_background": self.include_background,
             "smooth": self.smooth,
+            "regions": self.regions,
         }

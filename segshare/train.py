@@ -89,7 +89,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
             run_dir, plan, feed.patch_size, report, config_yaml, cfg.configuration, slice_axis,
             split, network,
         )  # fmt: skip
-    loss = instantiate(cfg.loss)
+    loss = instantiate(cfg.loss, regions=plan.region_values)
     trainer = Trainer(model, optimizer, loss, feed, run_dir, settings, window, strategy=strategy)
     last = trainer.fit()
     objects = {"model": model, "run_dir": run_dir, "prepared": prepared, "report": report}

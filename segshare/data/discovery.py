@@ -53,6 +53,9 @@ class Dataset:
         channel_names: channel index (as a string) -> modality name, e.g. ``{"0": "CT"}``.
         file_ending: ``.nii.gz`` or ``.nii``.
         problems: ``(path, message)`` pairs found while discovering (reported by validation).
+        regions: region name -> label values, when ``dataset.json`` declares regions
+            (:func:`parse_regions`; ``labels`` then names the values); None otherwise.
+        regions_class_order: the value each region writes into a predicted label map.
     """
 
     root: Path
@@ -61,6 +64,8 @@ class Dataset:
     channel_names: dict[str, str]
     file_ending: str
     problems: list[tuple[str, str]] = field(default_factory=list)
+    regions: dict[str, list[int]] | None = None
+    regions_class_order: list[int] | None = None
 
     @property
     def case_ids(self) -> list[str]:
@@ -221,7 +226,6 @@ def parse_labels(
     raw: object,
     where: str,
     problems: list[tuple[str, str]] | None = None,
-    regions_class_order: object = None,
 ) -> dict[str, int]:
     """The ``labels`` entry of a ``dataset.json``: nnU-Net v2 ``{"name": int}`` or MSD
     ``{"0": "name"}`` -> ``{"name": int}``, the ignore label (``"ignore"``) included.
@@ -230,17 +234,16 @@ def parse_labels(
         raw: the ``labels`` value.
         where: the file it came from (for messages).
         problems: where ``(where, message)`` pairs go for what segshare cannot honour: a
-            non-mapping, a value that is not an integer, a region (a list of values, nnU-Net's
-            region-based labels; ``regions_class_order`` only changes the message), two names
-            with one value, an ``ignore`` label that is not the highest value. ``None``: a region
-            is skipped (evaluation scores the plain labels) and every other problem raises.
-        regions_class_order: the file's ``regions_class_order``, if any.
+            non-mapping, a value that is not an integer, a region (a list of values: nnU-Net's
+            region-based labels, read by :func:`parse_regions` when the file has a
+            ``regions_class_order``), two names with one value, an ``ignore`` label that is not
+            the highest value. ``None``: the first problem raises.
 
     Returns:
         ``{name: label}`` in the file's order.
 
     Raises:
-        ValueError: with ``problems`` ``None``, a problem other than a region (names ``where``).
+        ValueError: with ``problems`` ``None``, a problem (names ``where``).
     """
     found: list[str] = []
     labels: dict[str, int] = {}
@@ -251,17 +254,10 @@ def parse_labels(
         if isinstance(value, int) and not isinstance(value, bool):
             labels[str(key)] = value
         elif isinstance(value, list):
-            if problems is None:
-                continue
-            need = (
-                "region-based training is not built yet"
-                if regions_class_order is not None
-                else "a region also needs 'regions_class_order' (nnU-Net's rule), and "
-                "region-based training is not built yet"
-            )
             found.append(
-                f"label {key!r}: {value!r} is a region (a list of values); {need}: give each "
-                f"label one integer value ({_LABEL_FORMS})"
+                f"label {key!r}: {value!r} is a region (a list of values), which needs "
+                "'regions_class_order' in dataset.json (nnU-Net's rule: the value each region "
+                f"writes into the label map); or give each label one integer value ({_LABEL_FORMS})"
             )
         elif isinstance(value, str) and str(key).lstrip("-").isdigit():
             labels[value] = int(key)
@@ -287,15 +283,109 @@ def parse_labels(
     return labels
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_regions(
+    raw: object, regions_class_order: object, where: str, problems: list[tuple[str, str]] | None
+) -> tuple[dict[str, int], dict[str, list[int]], list[int]]:
+    """Region-based ``labels`` (nnU-Net's BraTS form) with their ``regions_class_order``.
+
+    Every entry but ``background`` (0) and ``ignore`` is a region: one value or a list of values
+    (e.g. ``"whole tumor": [1, 2, 3]``, ``"enhancing": 3``); the network predicts each region
+    with its own sigmoid, and ``regions_class_order[i]`` is the value the label map gets where
+    region ``i`` (in the file's order) is predicted (:func:`segshare.regions.regions_to_labels`).
+
+    Args:
+        raw: the ``labels`` value.
+        regions_class_order: the file's ``regions_class_order``.
+        where: the file it came from (for messages).
+        problems: where ``(where, message)`` pairs go (a region without values, a value that is
+            not a positive integer, two regions with the same values, an order that is not one
+            positive integer per region, a missing background, an ``ignore`` label that is not
+            above every value); ``None``: the first raises ``ValueError``.
+
+    Returns:
+        ``(labels, regions, order)``: ``labels`` the label map's values, ``{"background": 0,
+        "label 1": 1, ...}`` for every value a region names (and ``ignore``); ``regions``
+        ``{name: sorted values}`` in the file's order; ``order`` the class order.
+    """
+    found: list[str] = []
+    regions: dict[str, list[int]] = {}
+    labels: dict[str, int] = {}
+    if not isinstance(raw, dict):
+        found.append(f"'labels' must be a mapping, got {raw!r}")
+        raw = {}
+    for key, value in raw.items():
+        key = str(key)
+        values = value if isinstance(value, list) else [value]
+        if key == "background":
+            if value != 0:
+                found.append(f"label 'background' must be 0 with regions, got {value!r}")
+        elif key == IGNORE_LABEL:
+            if not _is_int(value):
+                found.append(f"label 'ignore': {value!r} is not an integer value")
+            else:
+                labels[IGNORE_LABEL] = value
+        elif not values or not all(_is_int(v) and v > 0 for v in values):
+            found.append(
+                f"region {key!r}: {value!r} must be a positive integer or a non-empty list of "
+                'them, e.g. "whole tumor": [1, 2, 3]'
+            )
+        else:
+            regions[key] = sorted(set(values))
+    if "background" not in raw:
+        found.append("labels need 'background': 0 (nnU-Net's rule, regions included)")
+    by_values: dict[tuple[int, ...], list[str]] = {}
+    for name, values in regions.items():
+        by_values.setdefault(tuple(values), []).append(name)
+    for values, names in by_values.items():
+        if len(names) > 1:
+            found.append(f"regions {names} all have the values {list(values)}; each needs its own")
+    order = regions_class_order
+    if (
+        not isinstance(order, list)
+        or not all(_is_int(v) and v > 0 for v in order)
+        or len(order) != len(regions)
+    ):
+        found.append(
+            f"'regions_class_order' must list one positive integer per region ({len(regions)}: "
+            f"{list(regions)}), the value each region writes into the label map, got {order!r}"
+        )
+        order = []
+    values = sorted({v for vs in regions.values() for v in vs})
+    if IGNORE_LABEL in labels and values and labels[IGNORE_LABEL] <= values[-1]:
+        found.append(
+            f"label 'ignore' has the value {labels[IGNORE_LABEL]}, but the ignore label must "
+            f"have the highest value (nnU-Net's rule): give it a value above {values[-1]}"
+        )
+    if found and problems is None:
+        raise ValueError(f"{where}: {found[0]}")
+    if problems is not None:
+        problems.extend((where, message) for message in found)
+    named = {"background": 0, **{f"label {v}": v for v in values}}
+    if IGNORE_LABEL in labels:
+        named[IGNORE_LABEL] = labels[IGNORE_LABEL]
+    return named, regions, list(order)
+
+
 def split_ignore_label(labels: dict[str, int]) -> tuple[dict[str, int], int | None]:
     """The labels without the ignore label, and its value (None when there is none)."""
     classes = {k: v for k, v in labels.items() if k != IGNORE_LABEL}
     return classes, labels.get(IGNORE_LABEL)
 
 
-def _labels_from_json(meta: dict, problems: list[tuple[str, str]], where: str) -> dict[str, int]:
-    """:func:`parse_labels` of ``meta["labels"]`` (problems reported, never raised)."""
-    return parse_labels(meta.get("labels", {}), where, problems, meta.get("regions_class_order"))
+def labels_from_json(
+    meta: dict, where: str, problems: list[tuple[str, str]] | None = None
+) -> tuple[dict[str, int], dict[str, list[int]] | None, list[int] | None]:
+    """``(labels, regions, regions_class_order)`` of a ``dataset.json``: :func:`parse_regions`
+    when it has a ``regions_class_order``, else :func:`parse_labels` and no regions. Problems go
+    to ``problems``; with ``None`` the first raises ``ValueError``."""
+    raw = meta.get("labels", {})
+    if "regions_class_order" in meta:
+        return parse_regions(raw, meta["regions_class_order"], where, problems)
+    return parse_labels(raw, where, problems), None, None
 
 
 def _channels_from_json(meta: dict, problems: list[tuple[str, str]], where: str) -> dict | None:
@@ -416,9 +506,9 @@ def discover_dataset(root: str | os.PathLike) -> Dataset:
             problems.append((str(json_path), str(err).removeprefix(f"{json_path}: ")))
             meta = {}
     known = len(problems)
-    labels = _labels_from_json(meta, problems, str(json_path))
+    labels, regions, order = labels_from_json(meta, str(json_path), problems)
     if len(problems) > known:  # refused labels: no case is checked against them
-        labels = {}
+        labels, regions, order = {}, None, None
     channels = _channels_from_json(meta, problems, str(json_path))
     in_channels = len(channels) if channels else None
     channel_names = {str(k): str(v) for k, v in (channels or {"0": "image"}).items()}
@@ -444,4 +534,4 @@ def discover_dataset(root: str | os.PathLike) -> Dataset:
                 (str(c.images[0]), f"duplicate case id {c.case_id!r} (also {seen[c.case_id]})")
             )
         seen.setdefault(c.case_id, c.images[0])
-    return Dataset(root, cases, labels, channel_names, file_ending, problems)
+    return Dataset(root, cases, labels, channel_names, file_ending, problems, regions, order)

@@ -161,6 +161,8 @@ def make_plan(
     target_spacing: list[float] | None = None,
     normalization: list[str] | str | None = None,
     anisotropy_threshold: float = 3.0,
+    regions: dict[str, list[int]] | None = None,
+    regions_class_order: list[int] | None = None,
 ) -> Plan:
     """Turn a fingerprint into a preprocessing plan.
 
@@ -175,6 +177,8 @@ def make_plan(
         normalization: None = from channel names ("CT" -> ct, else zscore); a string applies to
             every channel; a list gives one scheme per channel.
         anisotropy_threshold: see :func:`segshare.data.resample.anisotropic_axis`.
+        regions: region name -> values (region-based training: one output per region), with
+            ``regions_class_order``; None: softmax over the classes ``0..max label``.
     """
     n_ch = len(fingerprint["intensity_foreground"])
     if normalization is None:
@@ -213,8 +217,10 @@ def make_plan(
         ct_stats=ct_stats,
         labels=dict(labels),
         in_channels=n_ch,
-        num_classes=max(labels.values()) + 1,
+        num_classes=len(regions) if regions else max(labels.values()) + 1,
         anisotropy_threshold=float(anisotropy_threshold),
         channel_names=dict(fingerprint["channel_names"]),
         ignore_label=ignore,
+        regions={k: list(v) for k, v in regions.items()} if regions else None,
+        regions_class_order=list(regions_class_order) if regions else None,
     )

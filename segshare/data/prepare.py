@@ -178,6 +178,8 @@ def _prepare(
         target_spacing=settings.target_spacing,
         normalization=settings.normalization,
         anisotropy_threshold=float(settings.anisotropy_threshold),
+        regions=dataset.regions,
+        regions_class_order=dataset.regions_class_order,
     )
     if planner is not None:
         plans = plan_configurations(

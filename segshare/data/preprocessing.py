@@ -59,7 +59,7 @@ class Plan:
             (None entries for z-scored channels), or None.
         labels: label name -> value, background included, the ignore label not.
         in_channels: image channels.
-        num_classes: the classes the network predicts are ``0..num_classes-1``.
+        num_classes: the network's outputs: classes ``0..num_classes-1``, or one per region.
         anisotropy_threshold: max/min spacing ratio above which one axis is resampled separately.
         channel_names: channel index -> modality name.
         use_mask_for_norm: per channel, z-score over the nonzero voxels only and keep the rest 0
@@ -70,6 +70,11 @@ class Plan:
         ignore_label: the value of the voxels nobody annotated (the dataset's ``ignore``
             label, above every class) or None: left out of the losses, the oversampled
             foreground and every metric.
+        regions: region name -> label values when the dataset declares regions (nnU-Net's
+            region-based training): the network has one sigmoid output per region
+            (``num_classes`` of them) instead of softmax classes; None otherwise.
+        regions_class_order: with regions, the value each region writes into the predicted
+            label map, in order (:func:`segshare.regions.regions_to_labels`).
         configurations: the planner's network, patch and batch per configuration
             (``3d_fullres``, ``2d``, ``3d_lowres``; see ``segshare.data.planner``); not part of
             the preprocessing, so not part of the cache key.
@@ -87,7 +92,14 @@ class Plan:
     image_order: int = 3
     version: int = PLAN_VERSION
     ignore_label: int | None = None
+    regions: dict[str, list[int]] | None = None
+    regions_class_order: list[int] | None = None
     configurations: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def region_values(self) -> list[list[int]] | None:
+        """The values of each region, in output order (None without regions)."""
+        return None if self.regions is None else [list(v) for v in self.regions.values()]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
@@ -97,12 +109,13 @@ class Plan:
 
     def preprocessing_dict(self) -> dict[str, Any]:
         """:meth:`to_dict` without the network ``configurations``: what the cached arrays (and a
-        resumed checkpoint) depend on; ``ignore_label`` only when there is one, so that the
-        caches of datasets without one keep their keys."""
+        resumed checkpoint) depend on; ``ignore_label`` and the regions only when there are
+        some, so that the caches of datasets without them keep their keys."""
+        optional = ("ignore_label", "regions", "regions_class_order")
         return {
             k: v
             for k, v in self.to_dict().items()
-            if k != "configurations" and not (k == "ignore_label" and v is None)
+            if k != "configurations" and not (k in optional and v is None)
         }
 
     @classmethod

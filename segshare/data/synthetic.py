@@ -149,6 +149,58 @@ def make_phantom(
     return noisy.astype(np.float32), label
 
 
+#: The channels of the BraTS-like phantoms, and each tissue's mean intensity in them:
+#: brain, edema (label 1), necrotic/non-enhancing core (2), enhancing tumor (3).
+BRATS_CHANNELS = ("T1", "T1ce", "T2", "FLAIR")
+_BRATS_INTENSITY = np.array(
+    [
+        [400.0, 340.0, 260.0, 300.0],  # T1
+        [400.0, 380.0, 280.0, 760.0],  # T1ce: enhancing is bright
+        [400.0, 720.0, 640.0, 520.0],  # T2
+        [350.0, 780.0, 480.0, 560.0],  # FLAIR: edema is bright
+    ]
+)
+#: nnU-Net's BraTS regions (labels 1 edema, 2 non-enhancing core, 3 enhancing) and their order.
+BRATS_LABELS = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing": 3}
+BRATS_REGIONS_CLASS_ORDER = [1, 2, 3]
+
+
+def make_brats_phantom(
+    shape: tuple[int, int, int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One BraTS-like case: a brain with one tumor of nested structures, in 4 MR channels.
+
+    The tumor is an ellipsoid of edema (label 1) around a core ellipsoid whose outer shell,
+    1-2 voxels thick, is enhancing tumor (3) and whose inside is necrotic core (2): whole tumor
+    (1, 2, 3) contains tumor core (2, 3) contains enhancing (3), as BraTS's regions nest. Each
+    tissue has its own mean in each channel (:data:`_BRATS_INTENSITY`), so no single channel
+    separates every label.
+
+    Returns:
+        image ``(4, D, H, W)`` float32 (T1, T1ce, T2, FLAIR) and label ``(D, H, W)`` uint8.
+    """
+    shape_arr = np.asarray(shape, dtype=float)
+    brain = _ellipsoid(shape, shape_arr / 2, shape_arr * rng.uniform(0.38, 0.46, 3))
+    center = shape_arr / 2 + rng.uniform(-0.1, 0.1, 3) * shape_arr
+    radii = shape_arr * rng.uniform(0.18, 0.26, 3)
+    whole = _ellipsoid(shape, center, radii) & brain
+    core = _ellipsoid(shape, center + rng.uniform(-0.2, 0.2, 3) * radii, radii * 0.65) & whole
+    inner = ndimage.binary_erosion(core, iterations=int(rng.integers(1, 3)))
+    label = np.zeros(shape, np.uint8)
+    label[whole] = 1
+    label[core] = 3
+    label[inner] = 2
+    tissue = np.where(brain, label.astype(int) + 1, 0)  # 0 outside, 1 brain, 2..4 labels 1..3
+    texture = ndimage.gaussian_filter(rng.standard_normal(shape), 1.5) * 40
+    channels = []
+    for means in _BRATS_INTENSITY:
+        lookup = np.concatenate([[0.0], means])
+        chan = lookup[tissue] * rng.uniform(0.8, 1.2)
+        chan = chan + (texture + rng.normal(0, 25, shape)) * brain
+        channels.append(chan.astype(np.float32))
+    return np.stack(channels), label
+
+
 def _write_case(
     root: Path,
     case_id: str,
@@ -160,7 +212,10 @@ def _write_case(
     split: str = "Tr",
 ) -> None:
     for c in range(num_channels):
-        chan = img if c == 0 else (img * rng.uniform(0.5, 1.5) + rng.normal(0, 10, img.shape))
+        if img.ndim == 4:  # the channels themselves
+            chan = img[c]
+        else:  # channel 0 and rescaled, noisier copies of it
+            chan = img if c == 0 else (img * rng.uniform(0.5, 1.5) + rng.normal(0, 10, img.shape))
         save_nifti_atomic(
             nib.Nifti1Image(chan.astype(np.float32), aff),
             root / f"images{split}" / f"{case_id}_{c:04d}.nii.gz",
@@ -179,6 +234,7 @@ def generate_synthetic_dataset(
     ct_like: bool = False,
     num_test_cases: int = 0,
     overwrite: bool = True,
+    kind: str = "phantoms",
 ) -> Path:
     """Write a synthetic dataset in the nnU-Net raw layout.
 
@@ -204,6 +260,10 @@ def generate_synthetic_dataset(
         overwrite: replace an existing ``out_dir``. ``False``: an existing ``out_dir`` is kept
             (returned at once), also when it appears while this call generates (another process
             made it meanwhile): it is never replaced under a reader; this call's copy is dropped.
+        kind: ``"phantoms"`` (ellipsoid organs, labels ``1..num_organs``) or ``"brats"``
+            (:func:`make_brats_phantom`: 4 channels, nested tumor labels, and a ``dataset.json``
+            with nnU-Net's BraTS regions and ``regions_class_order``; ``num_channels`` must be 4,
+            ``num_organs`` and ``ct_like`` do not apply).
 
     Returns:
         ``out_dir``. The folder is built under a temporary name and renamed into place.
@@ -212,6 +272,13 @@ def generate_synthetic_dataset(
     if num_cases < 1:
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
     spacing = parse_spacing(spacing)
+    if kind not in SYNTHETIC_KINDS:
+        raise ValueError(f"data.synthetic.kind must be one of {SYNTHETIC_KINDS}, got {kind!r}")
+    if kind == "brats" and num_channels != len(BRATS_CHANNELS):
+        raise ValueError(
+            f"data.synthetic.kind=brats writes {len(BRATS_CHANNELS)} channels {BRATS_CHANNELS}, "
+            f"got num_channels={num_channels} (data/synthetic=brats sets both)"
+        )
     if out.exists() and not overwrite:
         return out
     rng = np.random.default_rng(seed)
@@ -221,7 +288,10 @@ def generate_synthetic_dataset(
         for i in range(num_cases + num_test_cases):
             shape, case_spacing = _draw_shape_and_spacing(rng, shape_range, spacing)
             aff = make_affine(case_spacing, rng, flip=bool(i % 3 == 1))
-            img, lbl = make_phantom(shape, rng, num_organs=num_organs, ct_like=ct_like)
+            if kind == "brats":
+                img, lbl = make_brats_phantom(shape, rng)
+            else:
+                img, lbl = make_phantom(shape, rng, num_organs=num_organs, ct_like=ct_like)
             split = "Tr" if i < num_cases else "Ts"
             _write_case(tmp, f"case_{i:03d}", img, lbl, aff, num_channels, rng, split)
         modality = "CT" if ct_like else "MR"
@@ -237,6 +307,11 @@ def generate_synthetic_dataset(
             "numTest": num_test_cases,
             "file_ending": ".nii.gz",
         }
+        if kind == "brats":
+            meta["description"] = f"Synthetic BraTS-like tumors, regions (seed {seed})"
+            meta["channel_names"] = {str(c): name for c, name in enumerate(BRATS_CHANNELS)}
+            meta["labels"] = dict(BRATS_LABELS)
+            meta["regions_class_order"] = list(BRATS_REGIONS_CLASS_ORDER)
         write_json_atomic(meta, tmp / "dataset.json")
         if out.exists() and overwrite:
             shutil.rmtree(out)
@@ -249,6 +324,10 @@ def generate_synthetic_dataset(
         if tmp.exists():
             shutil.rmtree(tmp)
     return out
+
+
+#: What :func:`generate_synthetic_dataset` can draw.
+SYNTHETIC_KINDS = ("phantoms", "brats")
 
 
 @dataclass(frozen=True)
@@ -270,6 +349,7 @@ class SyntheticSpec:
     spacing: Spacing
     num_organs: int
     num_channels: int
+    kind: str = "phantoms"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spacing", parse_spacing(self.spacing, "data.synthetic.spacing"))

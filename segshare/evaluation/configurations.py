@@ -44,7 +44,12 @@ from segshare.evaluation.crossval import (
     postprocess_merge,
 )
 from segshare.evaluation.folders import evaluate_folders
-from segshare.inference.predictor import argmax_labels, label_nifti, output_paths
+from segshare.inference.predictor import (
+    argmax_labels,
+    label_nifti,
+    output_paths,
+    regions_to_labels,
+)
 
 BEST_FILE = "best_configuration.json"
 ENSEMBLES_DIR = "ensembles"
@@ -78,7 +83,7 @@ def _ensemble_case(job: tuple) -> None:
     """Average the members' probabilities of one case, write the argmax with its geometry."""
     import nibabel as nib
 
-    case, members, like, target = job
+    case, members, like, target, order = job
     total = None
     for npz in members:
         with np.load(npz) as data:
@@ -92,7 +97,7 @@ def _ensemble_case(job: tuple) -> None:
     source = nib.load(like)
     if total.shape[:3] != source.shape[:3]:
         raise ValueError(f"{members[0]}: probabilities of shape {total.shape} for {like}.")
-    labels = argmax_labels(total)
+    labels = argmax_labels(total) if order is None else regions_to_labels(total, order)
     save_nifti_atomic(label_nifti(labels, source), output_paths(target, case)[0])
 
 
@@ -110,9 +115,16 @@ def _ensemble(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / POSTPROCESSING_FILE).unlink(missing_ok=True)  # decided anew if this one is best
     shutil.rmtree(folder / POSTPROCESSED_DIR, ignore_errors=True)
+    order = read_json(merged / "dataset.json").get("regions_class_order")
     with atomic_folder(folder / "predictions") as tmp:
         jobs = [
-            (c, [probabilities[n][c] for n in names], merged / "predictions" / f"{c}.nii.gz", tmp)
+            (
+                c,
+                [probabilities[n][c] for n in names],
+                merged / "predictions" / f"{c}.nii.gz",
+                tmp,
+                order,
+            )
             for c in cases
         ]
         for _ in parallel_map(_ensemble_case, jobs, num_workers, "ensemble", progress):

@@ -341,10 +341,15 @@ def merge_folds(
         scans.update(recorded_inputs(fold.folder / "validation" / "predictions"))
     inputs = {case: [str(path)] for case, path in sorted(scans.items())}
     write_json_atomic(inputs, output / "predictions" / INPUTS_FILE)
-    labels = folds[0].run.plan.labels
-    ignore = folds[0].run.plan.ignore_label
-    named = {**labels, IGNORE_LABEL: ignore} if ignore is not None else labels
-    names = write_json_atomic({"labels": named}, output / "dataset.json")
+    plan = folds[0].run.plan
+    labels, ignore = plan.labels, plan.ignore_label
+    named: dict = {**labels, IGNORE_LABEL: ignore} if ignore is not None else dict(labels)
+    meta: dict = {"labels": named}
+    if plan.regions:  # the merge is scored per region too (segshare.evaluation.runner)
+        regions = {"background": 0, **plan.regions}
+        meta = {"labels": regions | ({IGNORE_LABEL: ignore} if ignore is not None else {})}
+        meta["regions_class_order"] = list(plan.regions_class_order)
+    names = write_json_atomic(meta, output / "dataset.json")
     summary = evaluate_folders(
         output / "predictions",
         output / "references",

@@ -24,7 +24,7 @@ from segshare.evaluation.runner import (
     find_image,
     find_label_file,
     ignore_label_of,
-    load_label_names,
+    load_label_definitions,
     match_cases,
     run_cases,
 )
@@ -250,7 +250,7 @@ def evaluate_folders(
         raise FileNotFoundError(f"images folder not found: '{images_dir}'.")  # before scoring
     pred_dir, ref_dir, output_dir = Path(pred_dir), Path(ref_dir), Path(output_dir)
     match = match_cases(pred_dir, ref_dir)
-    names = load_label_names(ref_dir, dataset_json)
+    names, regions = load_label_definitions(ref_dir, dataset_json)
     if ignore_label is None:
         ignore_label = ignore_label_of(names)
     if ignore_label is not None:
@@ -266,6 +266,7 @@ def evaluate_folders(
         "nsd_tolerance_mm": float(nsd_tolerance_mm),
         "hd95": hd95,
         "ignore_label": ignore_label,
+        "regions": regions,
     }
     tasks = _case_tasks(match, common, missing_as_empty)
     workers = default_num_workers() if num_workers is None else int(num_workers)
@@ -298,6 +299,7 @@ def evaluate_folders(
         ],
         unmatched=[str(u) for u in match.unmatched],
         settings=settings,
+        regions=regions,
     )
     summary["unknown_labels"] = unknown
     with staged_outputs(output_dir) as stage:

@@ -6,7 +6,7 @@ Every metric and its empty-case convention is defined in ``docs/metrics.md``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -69,6 +69,49 @@ def compute_case_metrics(
     return {label: {m: merged[label][m] for m in ALL_METRICS} for label in labels}
 
 
+#: The reference value of ignored voxels in a region's binary maps (0 and 1 are the region).
+_REGION_IGNORE = 255
+
+
+def compute_region_metrics(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    regions: Mapping[str, Sequence[int]],
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    *,
+    nsd_tolerance_mm: float = 1.0,
+    hd95: str = "monai",
+    ignore_label: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """All metrics of each region of one case: a region is the union of its label values in
+    both maps (e.g. BraTS "whole tumor" = 1, 2 and 3), scored as one binary label by
+    :func:`compute_case_metrics` (ignored reference voxels counted nowhere, as there).
+
+    Returns:
+        ``{region name: {metric: value}}`` with the metrics of :data:`ALL_METRICS`.
+    """
+    pred = as_label_array(pred, "pred")
+    ref = as_label_array(ref, "ref")
+    ignored = (ref == ignore_label) if ignore_label is not None else None
+    out = {}
+    for name, values in regions.items():
+        pred_r = np.isin(pred, list(values)).astype(np.uint8)
+        ref_r = np.isin(ref, list(values)).astype(np.uint8)
+        if ignored is not None:
+            ref_r[ignored] = _REGION_IGNORE
+        metrics = compute_case_metrics(
+            pred_r,
+            ref_r,
+            [1],
+            spacing,
+            nsd_tolerance_mm=nsd_tolerance_mm,
+            hd95=hd95,
+            ignore_label=_REGION_IGNORE if ignored is not None else None,
+        )
+        out[str(name)] = metrics[1]
+    return out
+
+
 def nanmean(values: Sequence[float]) -> float:
     """Mean ignoring NaN (as nnU-Net's ``np.nanmean``); NaN when all values are NaN or none."""
     arr = np.asarray(list(values), dtype=float)
@@ -102,6 +145,24 @@ def aggregate_means(
             for m in ALL_METRICS
         }
     return mean, foreground
+
+
+def region_means(
+    per_case: Sequence[dict[str, dict[str, float]]], regions: Sequence[str]
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Per-region means over the cases (nanmean) and their plain mean over the regions (what
+    region-based nnU-Net calls the foreground mean); the ``region_metrics`` of each case."""
+    mean = {
+        str(r): {m: nanmean([case[r][m] for case in per_case]) for m in ALL_METRICS}
+        for r in regions
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        overall = {
+            m: float(np.mean([mean[r][m] for r in mean])) if mean else float("nan")
+            for m in ALL_METRICS
+        }
+    return mean, overall
 
 
 def global_overlap(

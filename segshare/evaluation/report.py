@@ -104,6 +104,16 @@ def _overview_blocks(summary: dict, title: str) -> list[Block]:
             + ".",
         )
     )
+    if summary.get("regions"):
+        blocks.append(("h2", "Regions (each the union of its label values)"))
+        rows = [
+            [f"{name} ({'+'.join(map(str, values))})"]
+            + [_fmt(summary["region_mean"][name][m]) for m in TABLE_METRICS]
+            for name, values in summary["regions"].items()
+        ]
+        overall = summary["region_foreground_mean"]
+        rows.append(["mean over regions"] + [_fmt(overall[m]) for m in TABLE_METRICS])
+        blocks.append(("table", (["region", *TABLE_METRICS], rows)))
     return blocks
 
 

@@ -1,7 +1,7 @@
 """Folder-level evaluation: match files by name, read label maps, score cases in parallel.
 
 File names, listing and reading come from :mod:`segshare.data.io`, worker processes from
-:mod:`segshare.data.parallel`, label names from :func:`segshare.data.discovery.parse_labels`.
+:mod:`segshare.data.parallel`, label names from :func:`segshare.data.discovery.labels_from_json`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from segshare.data.discovery import IGNORE_LABEL, check_unique_case_files, parse_labels
+from segshare.data.discovery import IGNORE_LABEL, check_unique_case_files, labels_from_json
 from segshare.data.io import (
     NIFTI_SUFFIXES,
     NiftiReadError,
@@ -23,7 +23,7 @@ from segshare.data.io import (
     strip_nifti_suffix,
 )
 from segshare.data.parallel import parallel_map
-from segshare.evaluation.metrics import ALL_METRICS, compute_case_metrics
+from segshare.evaluation.metrics import ALL_METRICS, compute_case_metrics, compute_region_metrics
 from segshare.evaluation.overlap import as_label_array
 
 #: Largest affine difference (mm) tolerated between a prediction and its reference.
@@ -126,6 +126,7 @@ def evaluate_case(
     hd95: str,
     pred_missing: bool = False,
     ignore_label: int | None = None,
+    regions: dict[str, list[int]] | None = None,
 ) -> dict:
     """Scores one case (runs in a worker process).
 
@@ -138,6 +139,8 @@ def evaluate_case(
         pred_missing: score an all-background prediction (the file does not exist).
         ignore_label: the reference's value of unannotated voxels, counted nowhere
             (:func:`~segshare.evaluation.metrics.compute_case_metrics`).
+        regions: region name -> values, each also scored as the union of its values
+            (``region_metrics``, :func:`~segshare.evaluation.metrics.compute_region_metrics`).
 
     Returns:
         nnU-Net style entry ``{"case_id", "reference_file", "prediction_file", "metrics",
@@ -164,7 +167,19 @@ def evaluate_case(
         ignore_label=ignore_label,
     )
     ignored = int(np.count_nonzero(ref == ignore_label)) if ignore_label is not None else 0
+    scored = {}
+    if regions:
+        scored["region_metrics"] = compute_region_metrics(
+            pred,
+            ref,
+            regions,
+            spacing,
+            nsd_tolerance_mm=nsd_tolerance_mm,
+            hd95=hd95,
+            ignore_label=ignore_label,
+        )
     return {
+        **scored,
         "case_id": case_id,
         "reference_file": str(ref_path),
         "prediction_file": str(pred_path),
@@ -216,27 +231,38 @@ def run_cases(tasks: list[dict], num_workers: int, progress: bool = True) -> lis
 
 
 def load_label_names(ref_dir: Path, dataset_json: Path | None = None) -> dict[int, str]:
-    """Label names from a ``dataset.json`` (:func:`segshare.data.discovery.parse_labels`).
+    """Label names (``{value: name}``) of :func:`load_label_definitions`."""
+    return load_label_definitions(ref_dir, dataset_json)[0]
 
-    Looks at ``dataset_json`` when given, else in ``ref_dir`` and its parent. Returns ``{}`` when
-    no file is found; region labels (lists) are skipped.
+
+def load_label_definitions(
+    ref_dir: Path, dataset_json: Path | None = None
+) -> tuple[dict[int, str], dict[str, list[int]] | None]:
+    """Label names and regions from a ``dataset.json``
+    (:func:`segshare.data.discovery.labels_from_json`).
+
+    Looks at ``dataset_json`` when given, else in ``ref_dir`` and its parent.
+
+    Returns:
+        ``({value: name}, regions)``: ``regions`` ``{name: values}`` when the file declares
+        regions (with ``regions_class_order``), else None; ``({}, None)`` when no file is found.
 
     Raises:
         FileNotFoundError: ``dataset_json`` is given and does not exist.
-        ValueError: the file is not valid JSON or its ``labels`` is not a mapping.
+        ValueError: the file is not valid JSON or its labels cannot be honoured.
     """
     path = find_label_file(ref_dir, dataset_json)
     if path is None:
-        return {}
+        return {}, None
     try:
         meta = read_json(path)
         if not isinstance(meta, dict):
             raise ValueError(f"{path}: top level must be an object")
-        labels = parse_labels(meta.get("labels", {}), str(path))
+        labels, regions, _ = labels_from_json(meta, str(path))
     except ValueError as err:
         message = str(err).removeprefix(f"{path}: ")
         raise ValueError(f"cannot read labels from '{path}': {message}") from err
-    return {value: name for name, value in labels.items()}
+    return {value: name for name, value in labels.items()}, regions
 
 
 def ignore_label_of(names: dict[int, str]) -> int | None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from segshare.data.io import write_text_atomic
-from segshare.evaluation.metrics import ALL_METRICS, aggregate_means, global_overlap
+from segshare.evaluation.metrics import ALL_METRICS, aggregate_means, global_overlap, region_means
 
 
 def build_summary(
@@ -26,6 +26,7 @@ def build_summary(
     missing: Sequence[dict] = (),
     unmatched: Sequence[str] = (),
     settings: dict | None = None,
+    regions: dict[str, list[int]] | None = None,
 ) -> dict:
     """Builds the summary dictionary.
 
@@ -38,6 +39,9 @@ def build_summary(
             prediction.
         unmatched: prediction files without a reference.
         settings: how the numbers were computed (tolerance, HD95 variant, ...).
+        regions: region name -> values, when the cases carry ``region_metrics``: adds
+            ``regions``, ``region_mean`` (per region) and ``region_foreground_mean`` (their mean),
+            and each case's ``region_metrics``.
 
     Returns:
         ``{"metric_per_case", "mean", "foreground_mean", "global_overlap", ...}``; label keys
@@ -45,13 +49,23 @@ def build_summary(
     """
     mean, foreground = aggregate_means([c["metrics"] for c in cases], labels)
     names = label_names or {}
+    by_region = {}
+    if regions:
+        per_region, overall = region_means([c["region_metrics"] for c in cases], list(regions))
+        by_region = {
+            "regions": {str(k): list(v) for k, v in regions.items()},
+            "region_mean": per_region,
+            "region_foreground_mean": overall,
+        }
     return {
+        **by_region,
         "metric_per_case": [
             {
                 "case_id": c["case_id"],
                 "reference_file": c["reference_file"],
                 "prediction_file": c["prediction_file"],
                 "metrics": {str(k): dict(v) for k, v in c["metrics"].items()},
+                **({"region_metrics": c["region_metrics"]} if regions else {}),
                 **({"prediction_missing": True} if c.get("prediction_missing") else {}),
             }
             for c in cases
@@ -98,23 +112,25 @@ CSV_COLUMNS = (
 
 
 def write_metrics_csv(summary: dict, path: Path) -> None:
-    """One row per case, label and metric (tidy): ``pd.read_csv(path)`` reads ``nan``/``inf``."""
+    """One row per case, label and metric (tidy): ``pd.read_csv(path)`` reads ``nan``/``inf``.
+    Regions follow each case's labels, with ``label`` "region" and ``label_name`` the region."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     names = summary.get("labels", {})
     for case in summary["metric_per_case"]:
-        for label, values in case["metrics"].items():
+        scored = [(label, names.get(label, label), v) for label, v in case["metrics"].items()]
+        scored += [("region", r, v) for r, v in case.get("region_metrics", {}).items()]
+        for label, name, values in scored:
             for metric in ALL_METRICS:
+                value = values[metric]
                 writer.writerow(
                     [
                         case["case_id"],
                         label,
-                        names.get(label, label),
+                        name,
                         metric,
-                        repr(values[metric])
-                        if isinstance(values[metric], float)
-                        else values[metric],
+                        repr(value) if isinstance(value, float) else value,
                         case["reference_file"],
                         case["prediction_file"],
                     ]

@@ -35,9 +35,9 @@ from segshare.data.validation import DEFAULT_MAX_VOXELS
 from segshare.inference.predictor import (
     LabelFn,
     Predictor,
-    argmax_labels,
     label_nifti,
     output_paths,
+    probabilities_to_labels,
 )
 from segshare.inference.sliding_window import WindowSettings
 from segshare.inference.trained_run import TrainedRun, check_window, load_trained_run
@@ -91,6 +91,14 @@ def _check_compatible(runs: Sequence[TrainedRun]) -> None:
             raise ValueError(
                 f"model_path: {run.folder} predicts labels {run.plan.labels} but {first.folder} "
                 f"predicts {first.plan.labels}; an ensemble needs the same labels."
+            )
+        mine = (run.plan.regions, run.plan.regions_class_order)
+        theirs = (first.plan.regions, first.plan.regions_class_order)
+        if mine != theirs:
+            raise ValueError(
+                f"model_path: {run.folder} predicts regions {mine[0]} (order {mine[1]}) but "
+                f"{first.folder} predicts {theirs[0]} (order {theirs[1]}); an ensemble needs "
+                "the same regions."
             )
 
 
@@ -161,12 +169,14 @@ class EnsemblePredictor:
             probs = predictor.predict_array(image)
             for k in range(probs.shape[-1]):  # one class on the scan's grid at a time
                 # Uncropping fills a restored array's channel 0 with 1.0 (background): right for
-                # class 0; for class k > 0 restore 1 - p_k (linear), so that p_k is 0 there.
-                one = probs[..., k : k + 1] if k == 0 else 1.0 - probs[..., k : k + 1]
+                # class 0; for class k > 0 and every region restore 1 - p_k (linear), so that
+                # p_k is 0 there.
+                background = k == 0 and not self.plan.regions
+                one = probs[..., k : k + 1] if background else 1.0 - probs[..., k : k + 1]
                 restored = restore_to_original(one, props, is_label=False)[..., 0]
                 if total is None:
                     total = np.zeros((*restored.shape, probs.shape[-1]), np.float32)
-                total[..., k] += members * (restored if k == 0 else 1.0 - restored)
+                total[..., k] += members * (restored if background else 1.0 - restored)
             weights += members
             del probs
         total /= weights
@@ -188,7 +198,7 @@ class EnsemblePredictor:
         if save_probabilities:
             with atomic_target(npz_path, ".npz") as tmp:
                 np.savez_compressed(tmp, probabilities=probs)
-        labels = argmax_labels(probs)
+        labels = probabilities_to_labels(probs, self.plan)
         if postprocess is not None:
             labels = postprocess(labels)
         return save_nifti_atomic(label_nifti(labels, source), nii_path)

@@ -102,11 +102,16 @@ def mirror_axes_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 def make_predict_fn(
-    model: Any, *, tta: bool = False, mirror_axes: Sequence[int] = (1, 2, 3)
+    model: Any,
+    *,
+    tta: bool = False,
+    mirror_axes: Sequence[int] = (1, 2, 3),
+    activation: str = "softmax",
 ) -> Callable[[np.ndarray], np.ndarray]:
     """Wrap a Keras model mapping ``(B, D, H, W, C)`` to logits ``(B, D, H, W, K)``.
 
-    The returned function maps a float32 NumPy batch to softmax probabilities (NumPy float32). On
+    The returned function maps a float32 NumPy batch to probabilities (NumPy float32): the
+    softmax over classes, or with ``activation="sigmoid"`` one sigmoid per output (regions). On
     the TensorFlow backend the forward pass and softmax run in one ``tf.function`` traced once for
     any batch and window size (no per-call ``model.predict`` overhead); on JAX in one ``jax.jit``
     over ``model.stateless_call`` (a smaller last batch is padded to the first batch's size, so it
@@ -117,8 +122,14 @@ def make_predict_fn(
     """
     import keras
 
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     flips = mirror_axes_combinations(tuple(mirror_axes)) if tta else [()]
     backend = keras.backend.backend()
+
+    def probabilities(out: Any) -> Any:
+        return _probabilities(out, activation)
+
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -127,28 +138,35 @@ def make_predict_fn(
 
         @tf.function(input_signature=[spec])
         def forward(x):
-            return _mirrored_mean(x, flips, lambda xi: _softmax(model(xi, training=False)))
+            return _mirrored_mean(x, flips, lambda xi: probabilities(model(xi, training=False)))
 
         return lambda batch: forward(batch).numpy()
     if backend == "jax":
-        return _jax_predict_fn(model, flips)
+        return _jax_predict_fn(model, flips, probabilities)
 
     def forward_any(batch: np.ndarray) -> np.ndarray:
         x = keras.ops.convert_to_tensor(batch)
-        p = _mirrored_mean(x, flips, lambda xi: _softmax(model(xi, training=False)))
+        p = _mirrored_mean(x, flips, lambda xi: probabilities(model(xi, training=False)))
         return keras.ops.convert_to_numpy(p).astype(np.float32, copy=False)
 
     return forward_any
 
 
-def _softmax(out: Any) -> Any:
-    """Float32 softmax over classes of a model's logits (the first output under deep supervision,
-    the full-resolution one)."""
+#: The output activations: softmax over classes, or one sigmoid per region.
+ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def _probabilities(out: Any, activation: str) -> Any:
+    """Float32 probabilities of a model's logits (the first output under deep supervision, the
+    full-resolution one): softmax over the last axis, or elementwise sigmoid."""
     import keras
 
     if isinstance(out, (list, tuple)):
         out = out[0]
-    return keras.ops.softmax(keras.ops.cast(out, "float32"), axis=-1)
+    out = keras.ops.cast(out, "float32")
+    if activation == "sigmoid":
+        return keras.ops.sigmoid(out)
+    return keras.ops.softmax(out, axis=-1)
 
 
 def _mirrored_mean(x: Any, flips: list[tuple[int, ...]], probabilities: Callable) -> Any:
@@ -163,16 +181,18 @@ def _mirrored_mean(x: Any, flips: list[tuple[int, ...]], probabilities: Callable
     return total / len(flips)
 
 
-def _jax_predict_fn(model: Any, flips: list[tuple[int, ...]]) -> Callable[[np.ndarray], np.ndarray]:
-    """The JAX version of :func:`make_predict_fn`: one jitted stateless forward + softmax, over
-    the variables' values at each call (training assigns new ones between validations)."""
+def _jax_predict_fn(
+    model: Any, flips: list[tuple[int, ...]], activate: Callable
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The JAX version of :func:`make_predict_fn`: one jitted stateless forward + ``activate``,
+    over the variables' values at each call (training assigns new ones between validations)."""
     import jax
 
     @jax.jit
     def forward(trainable, non_trainable, x):
         def probabilities(xi):
             out, _ = model.stateless_call(trainable, non_trainable, xi, training=False)
-            return _softmax(out)
+            return activate(out)
 
         return _mirrored_mean(x, flips, probabilities)
 

@@ -179,6 +179,60 @@ def non_finite_message(opened: Sequence[tuple[Path, str, nib.Nifti1Image]]) -> s
     )
 
 
+#: A region is predicted where its sigmoid probability exceeds this (nnU-Net's rule).
+REGION_THRESHOLD = 0.5
+
+
+def regions_to_labels(probs: np.ndarray, regions_class_order: Sequence[int]) -> np.ndarray:
+    """``(D, H, W, R)`` region probabilities -> ``(D, H, W)`` uint8 labels (nnU-Net's rule): start
+    from 0 and, for each region ``i`` in order, write ``regions_class_order[i]`` wherever its
+    probability exceeds :data:`REGION_THRESHOLD`, so later regions overwrite earlier ones (BraTS:
+    whole tumor -> 1, then tumor core -> 2, then enhancing -> 3 inside it). One slab at a time."""
+    labels = np.zeros(probs.shape[:3], np.uint8)
+    for i in range(probs.shape[0]):
+        for r, value in enumerate(regions_class_order):
+            labels[i][probs[i, ..., r] > REGION_THRESHOLD] = value
+    return labels
+
+
+def probabilities_to_labels(probs: np.ndarray, plan: Plan) -> np.ndarray:
+    """The label map of ``(..., K)`` probabilities: the argmax of softmax classes, or
+    :func:`regions_to_labels` when ``plan`` has regions."""
+    if plan.regions:
+        return regions_to_labels(probs, plan.regions_class_order)
+    return argmax_labels(probs)
+
+
+def restore_output(probs: np.ndarray, properties: dict[str, Any], plan: Plan) -> np.ndarray:
+    """``restore_to_original`` of the network's probabilities: outside the crop box softmax
+    classes are background (class 0 is 1, the others 0) and regions are absent (every channel
+    0), so each region channel is restored alone as ``1 - restore(1 - p)`` (a restored array's
+    channel 0 is 1 outside)."""
+    if not plan.regions:
+        return restore_to_original(probs, properties, is_label=False)
+    out = None
+    for r in range(probs.shape[-1]):
+        one = restore_to_original(1.0 - probs[..., r : r + 1], properties, is_label=False)
+        if out is None:
+            out = np.empty((*one.shape[:3], probs.shape[-1]), np.float32)
+        out[..., r] = 1.0 - one[..., 0]
+    return out
+
+
+def restored_labels(probs: np.ndarray, properties: dict[str, Any], plan: Plan) -> np.ndarray:
+    """``probabilities_to_labels(restore_output(probs))`` with one channel on the scan's grid at
+    a time: :func:`restored_argmax`, or the region rule applied channel by channel."""
+    if not plan.regions:
+        return restored_argmax(probs, properties)
+    labels = None
+    for r, value in enumerate(plan.regions_class_order):
+        one = 1.0 - restore_to_original(1.0 - probs[..., r : r + 1], properties, is_label=False)
+        if labels is None:
+            labels = np.zeros(one.shape[:3], np.uint8)
+        labels[one[..., 0] > REGION_THRESHOLD] = value
+    return labels
+
+
 class Predictor:
     """Predicts cases with one model and its preprocessing plan.
 
@@ -245,22 +299,25 @@ class Predictor:
         """Restore ``probs`` to the scan's grid, write the labels (and probabilities) atomically;
         ``postprocess`` maps the labels on the scan's grid before they are written.
 
-        Probabilities are resampled back before the argmax (as nnU-Net). Unless they are saved,
-        no ``(I, J, K, num_classes)`` buffer is made: without resampling the argmax is taken
-        first (uncropping adds class 0, reorienting permutes voxels), with resampling one class
-        is restored at a time (:func:`restored_argmax`); the labels are the same.
+        Probabilities are resampled back before the argmax or the region rule (as nnU-Net).
+        Unless they are saved, no ``(I, J, K, num_classes)`` buffer is made: without resampling
+        the labels are made first (uncropping adds class 0, reorienting permutes voxels), with
+        resampling one channel is restored at a time (:func:`restored_labels`); the labels are
+        the same.
         """
         nii_path, npz_path = output_paths(output_dir, case_id)
         if save_probabilities:
-            probs = restore_to_original(probs, props, is_label=False)
+            probs = restore_output(probs, props, self.plan)
             # before the NIfTI: an existing NIfTI means a complete case
             with atomic_target(npz_path, ".npz") as tmp:
                 np.savez_compressed(tmp, probabilities=probs)
-            labels = argmax_labels(probs)
+            labels = probabilities_to_labels(probs, self.plan)
         elif list(props["resampled_shape"]) != list(props["cropped_shape"]):
-            labels = restored_argmax(probs, props)
+            labels = restored_labels(probs, props, self.plan)
         else:
-            labels = restore_to_original(argmax_labels(probs), props, is_label=True)
+            labels = restore_to_original(
+                probabilities_to_labels(probs, self.plan), props, is_label=True
+            )
         del probs
         if postprocess is not None:
             labels = postprocess(labels)

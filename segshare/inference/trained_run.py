@@ -172,13 +172,14 @@ class TrainedRun:
         """
         window = window.with_default_roi(self.window_size)
         model = self.load_model() if model is None else model
+        activation = "sigmoid" if self.plan.regions else "softmax"
         if self.slice_axis is None:
             axes = [int(a) + 1 for a in mirror_axes]  # batch axes 1..3
-            predict_fn = make_predict_fn(model, tta=tta, mirror_axes=axes)
+            predict_fn = make_predict_fn(model, tta=tta, mirror_axes=axes, activation=activation)
         else:  # the 2D network's batch axes 1, 2 are the in-plane volume axes
             plane = [a for a in range(3) if a != self.slice_axis]
             axes = [plane.index(int(a)) + 1 for a in mirror_axes if int(a) in plane]
-            predict_fn = make_predict_fn(model, tta=tta, mirror_axes=axes)
+            predict_fn = make_predict_fn(model, tta=tta, mirror_axes=axes, activation=activation)
             predict_fn = slice_predict_fn(predict_fn, self.slice_axis)
         check_window(predict_fn, window.roi_size, self.in_channels, self.num_classes)
         return Predictor(predict_fn, self.plan, window, progress=progress, max_voxels=max_voxels)

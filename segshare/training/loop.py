@@ -34,6 +34,7 @@ from segshare.data.io import atomic_folder, write_text_atomic
 from segshare.data.pipeline import TrainingFeed
 from segshare.evaluation.overlap import overlap_metrics
 from segshare.inference.model_io import make_predict_fn, slice_predict_fn
+from segshare.inference.predictor import probabilities_to_labels
 from segshare.inference.sliding_window import WindowSettings
 from segshare.training.checkpoints import (
     OPTIMIZER,
@@ -161,6 +162,20 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.nd
     return np.array([metrics[k]["Dice"] for k in labels], dtype=np.float64)
 
 
+def dice_per_region(pred: np.ndarray, ref: np.ndarray, regions: list[list[int]]) -> np.ndarray:
+    """Dice of each region (the union of its values in both maps); NaN where both are empty.
+    Voxels whose reference is above every region value (the ignore label) are not counted."""
+    top = max(v for values in regions for v in values)
+    annotated = ref <= top
+    if not annotated.all():
+        pred, ref = pred[annotated], ref[annotated]
+    dices = []
+    for values in regions:
+        masks = [np.isin(a, values).astype(np.uint8) for a in (pred, ref)]
+        dices.append(overlap_metrics(*masks, [1])[1]["Dice"])
+    return np.array(dices, dtype=np.float64)
+
+
 def _nanmean(values: np.ndarray) -> np.ndarray | float:
     """Mean over the first axis ignoring NaN; NaN (not a warning) where everything is NaN."""
     values = np.asarray(values, dtype=np.float64)
@@ -200,8 +215,16 @@ class Trainer:
         self.model, self.optimizer, self.loss_fn, self.feed = model, optimizer, loss_fn, feed
         self.window = window.with_default_roi(feed.window_size)
         plan = feed.prepared.plan
+        self.plan = plan
         self.num_classes = plan.num_classes
-        self.label_names = {value: name for name, value in plan.labels.items()}
+        # what validation scores: classes 1..K-1, or every region
+        self.scored_names = (
+            list(plan.regions)
+            if plan.regions
+            else [
+                {v: n for n, v in plan.labels.items()}.get(k, k) for k in range(1, plan.num_classes)
+            ]
+        )
         self.run_dir, self.s = Path(run_dir), settings
         # None until epoch 0 of a budgeted run has measured how many epochs fit
         self.max_epochs = None if settings.budget_minutes is not None else settings.max_epochs
@@ -217,22 +240,28 @@ class Trainer:
             jit_compile=resolve_jit_compile(settings.jit_compile),
             num_workers=int(feed.data.num_workers),
         )
-        self._predict = make_predict_fn(model)
+        self._predict = make_predict_fn(model, activation="sigmoid" if plan.regions else "softmax")
         if feed.slice_axis is not None:  # a 2D network validates slice by slice
             self._predict = slice_predict_fn(self._predict, feed.slice_axis)
 
     # -- validation --------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
-        """Sliding-window prediction of every validation case; mean Dice per class (nanmean)."""
+        """Sliding-window prediction of every validation case; mean Dice per class, or per region
+        (nanmean)."""
         dices = []
         for _case_id, image, label in self.feed.validation_cases():
             probs = self.window.predict(
                 np.asarray(image, dtype=np.float32), self._predict, self.num_classes
             )
-            dices.append(dice_per_class(probs.argmax(-1), np.asarray(label), self.num_classes))
-        mean = _nanmean(np.stack(dices) if dices else np.full((1, self.num_classes - 1), np.nan))
+            pred, ref = probabilities_to_labels(probs, self.plan), np.asarray(label)
+            if self.plan.regions:
+                dices.append(dice_per_region(pred, ref, self.plan.region_values))
+            else:
+                dices.append(dice_per_class(pred, ref, self.num_classes))
+        empty = np.full((1, len(self.scored_names)), np.nan)
+        mean = _nanmean(np.stack(dices) if dices else empty)
         result = {
-            f"val_dice_{self.label_names.get(k, k)}": float(v) for k, v in enumerate(mean, start=1)
+            f"val_dice_{name}": float(v) for name, v in zip(self.scored_names, mean, strict=True)
         }
         result["val_dice_fg_mean"] = float(_nanmean(mean))
         return result

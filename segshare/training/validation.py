@@ -78,8 +78,10 @@ def evaluate_trained_run(
         ignore_label=run.plan.ignore_label,
     )
     dice = summary["foreground_mean"].get("Dice", float("nan"))
+    regions = summary.get("region_foreground_mean", {}).get("Dice")
     print(
         f"Final validation ({len(cases)} cases, original geometry): foreground-mean Dice {dice:.4f}"
+        + (f", region-mean Dice {regions:.4f}" if regions is not None else "")
     )
     return summary
 

@@ -81,22 +81,35 @@ def test_channels_that_disagree(tmp_path):
     )
 
 
-def test_brats_region_labels_are_refused_before_any_case_is_read(tmp_path):
+def test_brats_regions_without_class_order_are_refused_before_any_case_is_read(tmp_path):
     """nnU-Net's BraTS regions once failed as "label values [1] are not in dataset.json labels
     [0, 2]"; now the dataset.json itself is named, with the key and what would be accepted."""
     root = make_msd_dataset(tmp_path / "ds", num_cases=2)
     meta = json.loads((root / "dataset.json").read_text())
     meta["labels"] = {"background": 0, "whole tumor": [1, 2], "enhancing": 2}
-    meta["regions_class_order"] = [1, 2]
     (root / "dataset.json").write_text(json.dumps(meta))
     problems, stats = validate_dataset(discover_dataset(root), progress=False)
     assert stats == {}  # no case was read against a refused dataset.json
     text = [str(p) for p in problems]
     assert any(
-        "dataset.json" in t and "'whole tumor': [1, 2] is a region" in t and "not built" in t
+        "dataset.json" in t
+        and "'whole tumor': [1, 2] is a region" in t
+        and "needs 'regions_class_order'" in t
         for t in text
     ), text
     assert not any("are not in dataset.json labels" in t for t in text), text
+
+
+def test_brats_regions_with_class_order_validate_against_their_values(tmp_path):
+    root = make_msd_dataset(tmp_path / "ds", num_cases=2)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "whole tumor": [1, 2], "enhancing": 2}
+    meta["regions_class_order"] = [1, 2]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    dataset = discover_dataset(root)
+    assert dataset.regions == {"whole tumor": [1, 2], "enhancing": [2]}
+    problems, stats = validate_dataset(dataset, progress=False)
+    assert problems == [] and len(stats) == 2
 
 
 def test_ignored_voxels_are_no_foreground_intensities():
