@@ -134,12 +134,14 @@ class JaxSteps:
         self._next, self._dataset = 0, None
 
     def _place(self, array: np.ndarray):
-        """A batch on the devices: split along the batch axis when data parallel."""
+        """A batch on the devices: split along the batch axis when data parallel. Every process
+        of a cluster makes the same global batch (the feed is seeded by seed and epoch) and
+        supplies the shards of its own devices."""
         distribution = self.strategy.distribution
         if distribution is None:
             return array
-        layout = distribution.get_data_layout(array.shape)
-        return self._jax.device_put(array, layout.backend_layout)
+        sharding = distribution.get_data_layout(array.shape).backend_layout
+        return self._jax.make_array_from_callback(array.shape, sharding, lambda i: array[i])
 
     def start(self, dataset) -> None:
         self._state = (

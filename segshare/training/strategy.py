@@ -5,7 +5,10 @@ TensorFlow: ``auto`` picks ``MultiWorkerMirroredStrategy`` when a cluster is des
 (``TF_CONFIG`` with more than one worker, or a SLURM job of several tasks), ``MirroredStrategy``
 with several local GPUs, and the default strategy otherwise. JAX: ``auto`` (or ``mirrored``) is
 data parallel over the local devices (``keras.distribution.DataParallel``) when there are several;
-``multi_worker`` is refused. TensorFlow is imported only under its backend.
+when the same variables describe a cluster (or Keras' own ``KERAS_DISTRIBUTION_JOB_ADDRESSES``,
+``_NUM_PROCESSES``, ``_PROCESS_ID``), ``auto`` and ``multi_worker`` first join it with
+``keras.distribution.initialize`` (JAX's distributed runtime) and then run data parallel over the
+devices of every process. TensorFlow is imported only under its backend.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import types
 from typing import Any
 
 import keras
@@ -35,13 +39,47 @@ def _slurm_tasks() -> int:
     return int(os.environ.get("SLURM_NTASKS", "1") or 1)
 
 
+def jax_cluster() -> dict[str, Any] | None:
+    """How this process joins a JAX cluster, from the variables the TensorFlow path reads: the
+    arguments of ``keras.distribution.initialize``, or None when no cluster is described.
+
+    * ``TF_CONFIG`` with several workers: every address of ``cluster`` (``chief`` first, then
+      ``worker``; the first is JAX's coordinator), their count, and this task's position;
+    * ``KERAS_DISTRIBUTION_JOB_ADDRESSES`` or a SLURM job of several tasks: no argument (Keras
+      reads its variables, JAX detects SLURM itself).
+
+    Raises:
+        ValueError: ``TF_CONFIG`` is not valid JSON or names no task of its cluster.
+    """
+    if _tf_config_workers() > 1:
+        config = json.loads(os.environ["TF_CONFIG"])
+        cluster = config["cluster"]
+        addresses = [*cluster.get("chief", []), *cluster.get("worker", [])]
+        task = config.get("task", {})
+        kind, index = task.get("type"), task.get("index")
+        if kind not in ("chief", "worker") or not isinstance(index, int):
+            raise ValueError(f"TF_CONFIG names no task of its cluster (task: {task!r}).")
+        position = index + (len(cluster.get("chief", [])) if kind == "worker" else 0)
+        return {
+            "job_addresses": ",".join(addresses),
+            "num_processes": len(addresses),
+            "process_id": position,
+        }
+    if os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES") or _slurm_tasks() > 1:
+        return {}
+    return None
+
+
 def make_strategy(name: str = "auto") -> Any:
     """The strategy named ``name`` (one of :data:`STRATEGIES`) for the Keras backend: a
     ``tf.distribute.Strategy``, or a :class:`JaxStrategy`."""
     if name not in STRATEGIES:
         raise ValueError(f"trainer.strategy must be one of {STRATEGIES}, got {name!r}.")
     if keras.backend.backend() != "tensorflow":
-        return JaxStrategy(data_parallel=name in ("auto", "mirrored"))
+        cluster = jax_cluster() if name in ("auto", "multi_worker") else None
+        if name == "multi_worker" and cluster is None:
+            raise ValueError(_NO_JAX_CLUSTER)
+        return JaxStrategy(data_parallel=name != "default", cluster=cluster)
     import tensorflow as tf
 
     multi = _tf_config_workers() > 1 or _slurm_tasks() > 1
@@ -75,12 +113,8 @@ def check_backend(strategy: str, precision: str) -> None:
             f"segshare-train runs under KERAS_BACKEND=tensorflow or jax, not {name!r} (the model "
             f"and segshare-predict run under {name}); train with KERAS_BACKEND=jax or tensorflow."
         )
-    if strategy == "multi_worker":
-        raise ValueError(
-            "trainer.strategy=multi_worker is TensorFlow's MultiWorkerMirroredStrategy; under "
-            "KERAS_BACKEND=jax use trainer.strategy=auto (data parallel over the local devices), "
-            "or train on several machines with KERAS_BACKEND=tensorflow."
-        )
+    if strategy == "multi_worker" and jax_cluster() is None:
+        raise ValueError(_NO_JAX_CLUSTER)
     if precision == "mixed_float16":
         raise ValueError(
             "trainer.precision=mixed_float16 needs loss scaling, which segshare's JAX step does "
@@ -89,13 +123,28 @@ def check_backend(strategy: str, precision: str) -> None:
         )
 
 
+_NO_JAX_CLUSTER = (
+    "trainer.strategy=multi_worker under KERAS_BACKEND=jax needs a cluster: TF_CONFIG with "
+    "several workers, a SLURM job of several tasks, or KERAS_DISTRIBUTION_JOB_ADDRESSES; on one "
+    "machine use trainer.strategy=auto (data parallel over the local devices)."
+)
+
+
 class JaxStrategy:
     """What the loop needs of a strategy under JAX: its scope (the Keras distribution over the
-    local devices, if several) and the replica count."""
+    devices, if several), the replica count, and which process is the chief.
 
-    def __init__(self, data_parallel: bool):
+    Args:
+        data_parallel: split each batch over the devices (when there are several).
+        cluster: :func:`jax_cluster`'s arguments: join that cluster first (once per process);
+            the devices are then those of every process, and process 0 is the chief.
+    """
+
+    def __init__(self, data_parallel: bool, cluster: dict[str, Any] | None = None):
         import jax
 
+        if cluster is not None and not jax.distributed.is_initialized():
+            keras.distribution.initialize(**cluster)  # before JAX touches a device
         self.devices = jax.devices()
         self.distribution = (
             keras.distribution.DataParallel(devices=self.devices)
@@ -103,7 +152,12 @@ class JaxStrategy:
             else None
         )
         self.num_replicas_in_sync = len(self.devices) if self.distribution else 1
-        self.cluster_resolver = None  # one process: always the chief
+        # is_chief reads it as it reads TensorFlow's resolver; one process: always the chief
+        self.cluster_resolver = (
+            types.SimpleNamespace(task_type="worker", task_id=jax.process_index())
+            if jax.process_count() > 1
+            else None
+        )
 
     def scope(self):
         """Variables created inside are replicated over the devices (data parallel)."""

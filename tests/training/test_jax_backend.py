@@ -65,8 +65,12 @@ def _predict(model_path: Path, images: Path, output: Path) -> None:
     predict_run(cfg)
 
 
-def _jax_env() -> dict:
-    return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+def _jax_env(**extra: str) -> dict:
+    """This environment under JAX on the CPU, without any cluster variable but those in
+    ``extra``."""
+    cluster = ("TF_CONFIG", "SLURM_NTASKS", "KERAS_DISTRIBUTION_JOB_ADDRESSES")
+    env = {k: v for k, v in os.environ.items() if k not in cluster}
+    return {**env, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", **extra}
 
 
 def test_jax_trains_resumes_exactly_and_models_cross_backends(make_cfg, tiny_data_root, tmp_path):
@@ -118,7 +122,7 @@ def test_jax_trains_resumes_exactly_and_models_cross_backends(make_cfg, tiny_dat
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("trainer.strategy=multi_worker", "under KERAS_BACKEND=jax use trainer.strategy=auto"),
+        ("trainer.strategy=multi_worker", "needs a cluster: TF_CONFIG with several workers"),
         ("trainer.precision=mixed_float16", "use trainer.precision=mixed_bfloat16"),
     ],
 )
@@ -254,3 +258,99 @@ def test_jax_splits_each_batch_over_the_local_devices():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "ok"
+
+
+def test_a_jax_cluster_is_read_from_the_variables_the_tensorflow_path_reads(monkeypatch):
+    from segshare.training.strategy import jax_cluster
+
+    for name in ("TF_CONFIG", "SLURM_NTASKS", "KERAS_DISTRIBUTION_JOB_ADDRESSES"):
+        monkeypatch.delenv(name, raising=False)
+    assert jax_cluster() is None
+    cluster = {"chief": ["a:1"], "worker": ["b:2", "c:3"]}
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}})
+    )
+    assert jax_cluster() == {"job_addresses": "a:1,b:2,c:3", "num_processes": 3, "process_id": 2}
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "chief", "index": 0}})
+    )
+    assert jax_cluster()["process_id"] == 0
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {}}))
+    with pytest.raises(ValueError, match="TF_CONFIG names no task"):
+        jax_cluster()
+    monkeypatch.delenv("TF_CONFIG")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert jax_cluster() == {}  # Keras and JAX read SLURM's variables themselves
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("KERAS_DISTRIBUTION_JOB_ADDRESSES", "a:1,b:2")
+    assert jax_cluster() == {}
+
+
+JAX_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import keras
+    assert keras.backend.backend() == "jax"
+    from hydra import compose, initialize_config_module
+    from segshare.train import train
+    overrides, out = json.loads(sys.argv[1]), sys.argv[2]
+    with initialize_config_module(version_base="1.3", config_module="segshare.conf"):
+        cfg = compose(config_name="train", overrides=overrides)
+    _, objects = train(cfg)
+    import jax
+    objects["model"].save_weights(out)
+    print("WORKER_DONE", jax.process_count(), len(jax.devices()))
+    """
+)
+
+
+@pytest.mark.slow  # about a minute; pytest -m slow (the suite stays under 10 minutes)
+def test_two_jax_processes_on_loopback_train_one_model(make_cfg, tmp_path):
+    """keras.distribution.initialize from TF_CONFIG: two processes of one CPU device each train
+    data parallel over both devices; only process 0 writes the run; the weights agree."""
+    import keras
+
+    from segshare.cli import instantiate
+    from segshare.data.prepare import prepare_dataset
+
+    from .test_train_app import _free_ports
+
+    prepare_dataset(instantiate(make_cfg().data), progress=False)  # both reuse one cache
+    script = tmp_path / "worker.py"
+    script.write_text(JAX_WORKER)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    procs = []
+    for index in range(2):
+        overrides = [
+            *TINY,
+            "trainer.strategy=multi_worker",
+            "trainer.max_epochs=1",
+            f"paths.root_dir={tmp_path}",
+            f"paths.data_dir={make_cfg().paths.data_dir}",
+            f"paths.output_dir={tmp_path / f'run{index}'}",
+        ]
+        task = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        env = _jax_env(TF_CONFIG=json.dumps(task))
+        out = tmp_path / f"worker{index}.weights.h5"
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), json.dumps(overrides), str(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+        )
+    results = [p.communicate(timeout=420) for p in procs]
+    for proc, (stdout, stderr) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, stderr[-3000:]
+        assert "WORKER_DONE 2 2" in stdout  # two processes, two devices in all
+    assert (tmp_path / "run0" / "model.keras").exists()  # process 0 writes the run
+    assert not (tmp_path / "run1" / "model.keras").exists()
+    weights = []
+    for index in range(2):
+        model = keras.models.load_model(tmp_path / "run0" / "model.keras")
+        model.load_weights(tmp_path / f"worker{index}.weights.h5")
+        weights.append([np.asarray(w) for w in model.weights])
+    for a, b in zip(*weights, strict=True):
+        np.testing.assert_array_equal(a, b)
