@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import keras
 
 from segshare.models.layers import PACKAGE, KernelBank, SharedConv, TemplateBank
+from segshare.models.norm import InstanceNormalization
 
 SHARING_SCHEMES = ("none", "stage", "global", "template")
 NORMS = ("instance", "batch")
@@ -44,9 +45,10 @@ BLOCKS = ("residual", "plain")
 
 
 def make_norm(kind: str, name: str) -> keras.layers.Layer:
-    """Instance (one group per channel) or batch normalisation, channels last."""
+    """Instance (:class:`~segshare.models.norm.InstanceNormalization`) or batch normalisation,
+    channels last."""
     if kind == "instance":
-        return keras.layers.GroupNormalization(groups=-1, epsilon=1e-5, name=name)
+        return InstanceNormalization(epsilon=1e-5, name=name)
     if kind == "batch":
         return keras.layers.BatchNormalization(epsilon=1e-5, name=name)
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}.")
