@@ -50,6 +50,7 @@ def run(
     """
     from segshare.cli import instantiate
     from segshare.data.discovery import discover_images
+    from segshare.devices import resolve_precision
     from segshare.inference.ensemble import load_ensemble
     from segshare.inference.predictor import failures_file_name, predict_cases, select_shard
 
@@ -57,6 +58,8 @@ def run(
     window = instantiate(cfg.window)  # a bad window is a setup error, not a failure per case
     model_path = cfg.model_path
     model_path = OmegaConf.to_object(model_path) if OmegaConf.is_config(model_path) else model_path
+    precision, why = resolve_precision(str(cfg.precision))
+    print(f"precision: {precision} ({why})")
     predictor, runs = load_ensemble(
         model_path,
         window,
@@ -64,6 +67,7 @@ def run(
         mirror_axes=list(cfg.inference.mirror_axes),
         progress=bool(cfg.inference.progress),
         max_voxels=int(cfg.inference.max_voxels),
+        precision=precision,
     )
     postprocess = None
     if cfg.postprocessing is not None:

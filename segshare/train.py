@@ -29,6 +29,7 @@ from segshare.data.planner import (
 from segshare.data.prepare import DataSettings, prepare_dataset
 from segshare.data.preprocessing import Plan
 from segshare.data.validation import DatasetError
+from segshare.devices import resolve_precision
 from segshare.models import check_patch_size, format_parameter_report, parameter_report
 from segshare.training.loop import Trainer, TrainingDiverged
 from segshare.training.run_folder import check_resumable, check_same_training, write_run_files
@@ -47,7 +48,10 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     """Train (or resume) the run described by ``cfg``; returns (last metrics row, objects)."""
     settings = instantiate(cfg.trainer)
     check_backend(settings.strategy, settings.precision)  # before any work
-    strategy = make_strategy(settings.strategy)  # before any other TensorFlow work
+    strategy = make_strategy(settings.strategy)  # before any other TensorFlow (or JAX) work
+    precision, why = resolve_precision(settings.precision, training=True)
+    print(f"precision: {precision} ({why})")
+    settings = replace(settings, precision=precision)
     configure_runtime(settings.seed, settings.precision, settings.deterministic)
     data, window = instantiate(cfg.data), instantiate(cfg.window)
     run_dir = Path(cfg.paths.output_dir)
@@ -87,7 +91,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         write_run_files(
             run_dir, plan, feed.patch_size, report, config_yaml, cfg.configuration, slice_axis,
-            split, network,
+            split, network, precision=settings.precision,
         )  # fmt: skip
     loss = instantiate(cfg.loss, regions=plan.region_values)
     trainer = Trainer(model, optimizer, loss, feed, run_dir, settings, window, strategy=strategy)

@@ -212,6 +212,7 @@ def load_ensemble(
     mirror_axes: Sequence[int] = (0, 1, 2),
     progress: bool = False,
     max_voxels: int = DEFAULT_MAX_VOXELS,
+    precision: str = "float32",
 ) -> tuple[Predictor | EnsemblePredictor, list[TrainedRun]]:
     """The predictor of one run or of an ensemble (see the module docstring), and its runs.
 
@@ -221,7 +222,10 @@ def load_ensemble(
     """
     runs = [load_trained_run(p) for p in resolve_run_paths(model_path)]
     _check_compatible(runs)
-    options = dict(tta=tta, mirror_axes=mirror_axes, progress=progress, max_voxels=max_voxels)
+    options = dict(
+        tta=tta, mirror_axes=mirror_axes, progress=progress, max_voxels=max_voxels,
+        precision=precision,
+    )  # fmt: skip
     groups: dict[str, list[TrainedRun]] = {}
     for run in runs:
         key = json.dumps(run.plan.preprocessing_dict(), sort_keys=True, default=str)

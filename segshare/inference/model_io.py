@@ -57,6 +57,51 @@ def load_model_safely(path: str | Path) -> Any:
         raise ValueError(f"{path}: cannot load the Keras model (safe mode): {first}") from err
 
 
+def with_precision(model: Any, precision: str) -> Any:
+    """The model computing in ``precision``: itself for ``float32`` (or a model already saved
+    in mixed precision), else a copy built under Keras' ``mixed_bfloat16`` policy (variables
+    float32, computation bfloat16) with the same weights. The output heads (``head*`` layers)
+    stay float32, and the probabilities are taken in float32 (:func:`make_predict_fn`), so only
+    the network's body runs in bfloat16; the sliding window accumulates in float32."""
+    import keras
+
+    if precision == "float32":
+        return model
+    if precision != "bfloat16":
+        raise ValueError(f"precision must be float32 or bfloat16, got {precision!r}")
+    if keras.backend.standardize_dtype(model.compute_dtype) != "float32":
+        return model  # trained and saved in mixed precision: it computes so already
+    config = model.get_config()
+    _set_policies(config, "mixed_bfloat16")
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # layers built inside layers
+    try:
+        copy = type(model).from_config(config)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _set_policies(node: Any, policy: str, in_head: bool = False) -> None:
+    """Set every ``DTypePolicy`` of a model config to ``policy``, except inside head layers."""
+    if isinstance(node, list):
+        for item in node:
+            _set_policies(item, policy, in_head)
+        return
+    if not isinstance(node, dict):
+        return
+    if node.get("class_name") == "DTypePolicy" and isinstance(node.get("config"), dict):
+        if not in_head:
+            node["config"]["name"] = policy
+        return
+    config = node.get("config")
+    name = config.get("name") if isinstance(config, dict) else None
+    head = in_head or (isinstance(name, str) and name.startswith("head"))
+    for value in node.values():
+        _set_policies(value, policy, head)
+
+
 def _read_config(path: Path) -> Any:
     """The parsed ``config.json`` of a ``.keras`` archive, after checking the declared sizes of
     its JSON members (a read never goes past a declared size: ``zipfile`` stops there)."""

@@ -26,7 +26,12 @@ from segshare.data.io import read_json, write_json_atomic
 from segshare.data.pipeline import volume_patch
 from segshare.data.preprocessing import Plan
 from segshare.data.validation import DEFAULT_MAX_VOXELS
-from segshare.inference.model_io import load_model_safely, make_predict_fn, slice_predict_fn
+from segshare.inference.model_io import (
+    load_model_safely,
+    make_predict_fn,
+    slice_predict_fn,
+    with_precision,
+)
 from segshare.inference.predictor import Predictor
 from segshare.inference.sliding_window import WindowSettings, check_window_args
 
@@ -152,6 +157,7 @@ class TrainedRun:
         progress: bool = False,
         max_voxels: int = DEFAULT_MAX_VOXELS,
         model: Any = None,
+        precision: str = "float32",
     ) -> Predictor:
         """A :class:`Predictor` for this run: the window defaults to the training patch, and one
         empty window is predicted up front, so a window the model cannot take is refused before
@@ -165,13 +171,15 @@ class TrainedRun:
             progress: show a progress bar over the windows of each case.
             max_voxels: refuse a scan whose header declares more voxels.
             model: the model, if already loaded (default: :meth:`load_model`).
+            precision: ``float32`` or ``bfloat16``
+                (:func:`~segshare.inference.model_io.with_precision`).
 
         Raises:
             ValueError: the model cannot predict a window of ``roi_size`` or gives the wrong
                 number of classes.
         """
         window = window.with_default_roi(self.window_size)
-        model = self.load_model() if model is None else model
+        model = with_precision(self.load_model() if model is None else model, precision)
         activation = "sigmoid" if self.plan.regions else "softmax"
         if self.slice_axis is None:
             axes = [int(a) + 1 for a in mirror_axes]  # batch axes 1..3

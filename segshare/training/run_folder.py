@@ -214,6 +214,7 @@ def write_run_files(
     slice_axis: int | None = None,
     split: dict[str, Any] | None = None,
     network: dict[str, Any] | None = None,
+    precision: str | None = None,
 ) -> None:
     """Write ``plan.json``, ``run.json``, ``parameters.json`` and ``config.yaml`` (atomically).
 
@@ -228,6 +229,8 @@ def write_run_files(
         split: the fold and its case ids (``run.json``'s ``split``).
         network: configuration, patch, batch and planned model arguments (``run.json``'s
             ``network``).
+        precision: the dtype policy trained with (``trainer.precision``, ``auto`` resolved),
+            recorded in ``run.json``'s ``trained_with``.
     """
     run_dir = Path(run_dir)
     plan.save(run_dir / PLAN_FILE)
@@ -240,6 +243,7 @@ def write_run_files(
         network,
         sharing=parameters.get("sharing"),
         configuration=configuration,
+        precision=precision,
     )
     write_json_atomic(parameters, run_dir / "parameters.json")
     write_text_atomic(config_yaml, run_dir / "config.yaml")
