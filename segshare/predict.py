@@ -59,7 +59,7 @@ def run(
     model_path = cfg.model_path
     model_path = OmegaConf.to_object(model_path) if OmegaConf.is_config(model_path) else model_path
     precision, why = resolve_precision(str(cfg.precision))
-    print(f"precision: {precision} ({why})")
+    print(f"precision: {precision} ({why}); runtime: {cfg.runtime}")
     predictor, runs = load_ensemble(
         model_path,
         window,
@@ -68,6 +68,7 @@ def run(
         progress=bool(cfg.inference.progress),
         max_voxels=int(cfg.inference.max_voxels),
         precision=precision,
+        runtime=str(cfg.runtime),
     )
     postprocess = None
     if cfg.postprocessing is not None:

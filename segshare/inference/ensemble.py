@@ -213,6 +213,7 @@ def load_ensemble(
     progress: bool = False,
     max_voxels: int = DEFAULT_MAX_VOXELS,
     precision: str = "float32",
+    runtime: str = "keras",
 ) -> tuple[Predictor | EnsemblePredictor, list[TrainedRun]]:
     """The predictor of one run or of an ensemble (see the module docstring), and its runs.
 
@@ -224,7 +225,7 @@ def load_ensemble(
     _check_compatible(runs)
     options = dict(
         tta=tta, mirror_axes=mirror_axes, progress=progress, max_voxels=max_voxels,
-        precision=precision,
+        precision=precision, runtime=runtime,
     )  # fmt: skip
     groups: dict[str, list[TrainedRun]] = {}
     for run in runs:

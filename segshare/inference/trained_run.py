@@ -29,6 +29,7 @@ from segshare.data.validation import DEFAULT_MAX_VOXELS
 from segshare.inference.model_io import (
     load_model_safely,
     make_predict_fn,
+    mirror_axes_combinations,
     slice_predict_fn,
     with_precision,
 )
@@ -39,6 +40,8 @@ MODEL_FILE = "model.keras"
 PLAN_FILE = "plan.json"
 RUN_FILE = "run.json"
 RUN_FORMAT = 1
+#: Where the network runs at prediction.
+RUNTIMES = ("keras", "openvino")
 
 
 def write_run_info(
@@ -158,6 +161,7 @@ class TrainedRun:
         max_voxels: int = DEFAULT_MAX_VOXELS,
         model: Any = None,
         precision: str = "float32",
+        runtime: str = "keras",
     ) -> Predictor:
         """A :class:`Predictor` for this run: the window defaults to the training patch, and one
         empty window is predicted up front, so a window the model cannot take is refused before
@@ -173,21 +177,34 @@ class TrainedRun:
             model: the model, if already loaded (default: :meth:`load_model`).
             precision: ``float32`` or ``bfloat16``
                 (:func:`~segshare.inference.model_io.with_precision`).
+            runtime: ``keras`` (the Keras backend) or ``openvino``
+                (:mod:`segshare.inference.openvino_runtime`).
 
         Raises:
             ValueError: the model cannot predict a window of ``roi_size`` or gives the wrong
                 number of classes.
         """
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}.")
         window = window.with_default_roi(self.window_size)
-        model = with_precision(self.load_model() if model is None else model, precision)
+        model = self.load_model() if model is None else model
         activation = "sigmoid" if self.plan.regions else "softmax"
         if self.slice_axis is None:
             axes = [int(a) + 1 for a in mirror_axes]  # batch axes 1..3
-            predict_fn = make_predict_fn(model, tta=tta, mirror_axes=axes, activation=activation)
         else:  # the 2D network's batch axes 1, 2 are the in-plane volume axes
             plane = [a for a in range(3) if a != self.slice_axis]
             axes = [plane.index(int(a)) + 1 for a in mirror_axes if int(a) in plane]
+        if runtime == "openvino":
+            from segshare.inference.openvino_runtime import openvino_predict_fn
+
+            flips = mirror_axes_combinations(tuple(axes)) if tta else [()]
+            predict_fn = openvino_predict_fn(
+                self.model_file, model, precision=precision, flips=flips, activation=activation
+            )
+        else:
+            model = with_precision(model, precision)
             predict_fn = make_predict_fn(model, tta=tta, mirror_axes=axes, activation=activation)
+        if self.slice_axis is not None:
             predict_fn = slice_predict_fn(predict_fn, self.slice_axis)
         check_window(predict_fn, window.roi_size, self.in_channels, self.num_classes)
         return Predictor(predict_fn, self.plan, window, progress=progress, max_voxels=max_voxels)

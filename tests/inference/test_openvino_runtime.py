@@ -1,0 +1,60 @@
+"""runtime=openvino: the IR is converted once and cached by the model's digest; its probabilities
+equal the Keras runtime's (float32) and stay close in bfloat16; TTA and 2D as with Keras."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")  # a dev dependency: installed in CI
+
+from segshare.inference.openvino_runtime import converted_ir, file_digest  # noqa: E402
+from segshare.inference.sliding_window import WindowSettings  # noqa: E402
+from segshare.inference.trained_run import load_trained_run  # noqa: E402
+
+from .conftest import asymmetric_model, make_run_dir  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tta_run(tmp_path_factory):
+    return make_run_dir(tmp_path_factory.mktemp("ov") / "run", model=asymmetric_model())
+
+
+def _predict(run_dir, runtime, precision="float32", tta=False):
+    run = load_trained_run(run_dir)
+    predictor = run.predictor(
+        WindowSettings(None, 0.5, 2, 0.125), runtime=runtime, precision=precision, tta=tta
+    )
+    x = np.random.default_rng(0).normal(size=(2, 16, 16, 16, 1)).astype(np.float32)
+    return predictor.predict_fn(x)
+
+
+def test_openvino_equals_keras_in_float32_with_and_without_tta(tta_run):
+    plain, mirrored = (_predict(tta_run, "openvino", tta=tta) for tta in (False, True))
+    for tta, ours in ((False, plain), (True, mirrored)):
+        keras_probs = _predict(tta_run, "keras", tta=tta)
+        assert ours.dtype == np.float32 and ours.shape == keras_probs.shape
+        np.testing.assert_allclose(ours, keras_probs, atol=1e-5)
+    assert not np.allclose(plain, mirrored)  # the model is not flip-equivariant: TTA counts
+
+
+def test_bfloat16_stays_close(tta_run):
+    ours = _predict(tta_run, "openvino", precision="bfloat16")
+    np.testing.assert_allclose(ours, _predict(tta_run, "keras"), atol=0.02)
+
+
+def test_the_conversion_is_cached_by_digest_and_redone_for_a_new_model(tmp_path):
+    run = make_run_dir(tmp_path / "run", model=asymmetric_model())
+    model = load_trained_run(run).load_model()
+    xml = converted_ir(run / "model.keras", model)
+    assert xml == run / "openvino" / file_digest(run / "model.keras") / "model.xml"
+    stamp = xml.stat().st_mtime_ns
+    assert converted_ir(run / "model.keras", model) == xml and xml.stat().st_mtime_ns == stamp
+    assert not [p for p in (run / "openvino").iterdir() if p.name.startswith(".")]
+    make_run_dir(run, model=asymmetric_model())  # another model file in the same folder
+    assert converted_ir(run / "model.keras", model) != xml
+
+
+def test_an_unknown_runtime_is_refused(tta_run):
+    with pytest.raises(ValueError, match=r"runtime must be one of \('keras', 'openvino'\)"):
+        _predict(tta_run, "onnx")
