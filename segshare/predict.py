@@ -71,12 +71,19 @@ def run(
         runtime=str(cfg.runtime),
     )
     postprocess = None
-    if cfg.postprocessing is not None:
+    postprocessing = cfg.postprocessing
+    if postprocessing is None and isinstance(model_path, str) and model_path.endswith(".zip"):
+        from segshare.inference.package import open_package, package_postprocessing
+
+        postprocessing = package_postprocessing(open_package(model_path))
+        if postprocessing is not None:
+            print(f"postprocessing: the package's ({postprocessing.name})")
+    if postprocessing is not None:
         from functools import partial
 
         from segshare.evaluation.postprocessing import apply_postprocessing, load_postprocessing
 
-        steps = load_postprocessing(cfg.postprocessing)
+        steps = load_postprocessing(postprocessing)
         postprocess = partial(apply_postprocessing, steps=steps)
     cases = select_shard(discover_images(cfg.input, runs[0].in_channels), index, count)
     output = Path(cfg.output).resolve()

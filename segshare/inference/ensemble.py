@@ -47,14 +47,21 @@ CROSSVAL_RUNS_FILE = "folds.json"
 
 
 def resolve_run_paths(model_path: str | Path | Sequence[str | Path]) -> list[Path]:
-    """The run folders (or ``.keras`` files) of ``model_path``: one run, a list of runs, or a
-    ``segshare-crossval`` output folder (its runs, from ``folds.json``).
+    """The run folders (or ``.keras`` files) of ``model_path``: one run, a list of runs, a
+    ``segshare-crossval`` output folder (its runs, from ``folds.json``), or a ``segshare-export``
+    package (``.zip``: its runs, verified and extracted by
+    :func:`~segshare.inference.package.open_package`).
 
     Raises:
-        ValueError: an empty list, or a crossval folder whose ``folds.json`` lists no runs.
+        ValueError: an empty list, a crossval folder whose ``folds.json`` lists no runs, or a
+            package that is refused.
     """
     if isinstance(model_path, str | Path):
         folder = Path(model_path).expanduser()
+        if folder.suffix == ".zip":
+            from segshare.inference.package import open_package, package_runs
+
+            return package_runs(open_package(folder))
         listing = folder / CROSSVAL_RUNS_FILE
         if folder.is_dir() and not (folder / "model.keras").exists() and listing.is_file():
             try:
