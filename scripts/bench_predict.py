@@ -11,6 +11,10 @@ Scenarios (each runs in its own process, so peak RSS is that scenario's own):
   (tf.function forward + softmax, windows gathered and accumulated while the next batch runs).
   Both are checked to give the same labels.
   ``model_only`` times the network alone on 32 batches of 2 windows: the floor of any loop.
+* ``runtimes`` (issue 15): the cube through the network with the old norm (Keras'
+  ``GroupNormalization(groups=-1)``) and the new one (``InstanceNormalization``), on the Keras and
+  the OpenVINO runtime, in float32 and bfloat16, the variants interleaved in each repeat; median
+  seconds, the ratio to the old float32 Keras path, and the labels' agreement with it.
 * ``hippo``: whole-case prediction of real hippocampus scans (read + preprocess + sliding window
   with roi 48x64x48 + restore + atomic NIfTI write) with the same network; seconds per case.
 * ``ct``: a 512x512x300 one-channel CT-like volume with 3 classes through the sliding window and
@@ -264,8 +268,101 @@ def run_ct_file(repeats: int, target_spacing=None, members=(1,)) -> dict:
     }
 
 
+def _old_norm_network():
+    """The benchmark network with the norm segshare used before issue 15: Keras'
+    ``GroupNormalization(groups=-1)`` (6-D reshape) instead of ``InstanceNormalization``."""
+    import keras
+
+    import segshare.models.encoder as encoder
+    import segshare.models.unet as unet
+
+    def group_norm(kind, name):
+        return keras.layers.GroupNormalization(groups=-1, epsilon=1e-5, name=name)
+
+    saved = encoder.make_norm
+    encoder.make_norm = unet.make_norm = group_norm
+    try:
+        return benchmark_network()
+    finally:
+        encoder.make_norm = unet.make_norm = saved
+
+
+#: ``runtimes`` variants: (label, old norm?, runtime, precision); the first is the reference.
+RUNTIME_VARIANTS = (
+    ("groupnorm_keras_float32 (before issue 15)", True, "keras", "float32"),
+    ("instancenorm_keras_float32", False, "keras", "float32"),
+    ("instancenorm_keras_bfloat16", False, "keras", "bfloat16"),
+    ("groupnorm_openvino_float32", True, "openvino", "float32"),
+    ("instancenorm_openvino_float32", False, "openvino", "float32"),
+    ("instancenorm_openvino_bfloat16", False, "openvino", "bfloat16"),
+)
+
+
+def run_runtimes(repeats: int) -> dict:
+    """The cube through every norm x runtime x precision of issue 15, interleaved per repeat (a
+    shared machine's drift hits every variant alike); median seconds, ratio to the first."""
+    import tempfile
+
+    import keras
+
+    from segshare.inference.model_io import make_predict_fn, with_precision
+    from segshare.inference.sliding_window import sliding_window_inference
+
+    roi, overlap, sw = (64, 64, 64), 0.5, 2
+    volume = smooth_volume((160, 160, 160))
+    functions, folder = {}, Path(tempfile.mkdtemp(prefix="bench_runtimes."))
+    weights = None
+    for label, old, runtime, precision in RUNTIME_VARIANTS:
+        keras.utils.set_random_seed(0)
+        model = _old_norm_network() if old else benchmark_network()
+        if weights is None:
+            weights = model.get_weights()
+        model.set_weights(weights)  # the same network in every variant
+        if runtime == "openvino":
+            try:
+                from segshare.inference.openvino_runtime import openvino_predict_fn
+            except ImportError:
+                continue
+            path = folder / f"{label.split()[0]}.keras"
+            model.save(path)
+            try:
+                functions[label] = openvino_predict_fn(path, model, precision=precision)
+            except ValueError as err:  # OpenVINO not installed
+                return {"scenario": "runtimes", "skipped": str(err)}
+        else:
+            functions[label] = make_predict_fn(with_precision(model, precision))
+        functions[label](volume[None, :64, :64, :64])  # trace / compile once
+    times = {label: [] for label in functions}
+    outputs = {}
+    for _ in range(repeats):
+        for label, fn in functions.items():
+            t = time.perf_counter()
+            outputs[label] = sliding_window_inference(
+                volume, fn, roi, overlap=overlap, sw_batch_size=sw
+            )
+            times[label].append(time.perf_counter() - t)
+    reference = RUNTIME_VARIANTS[0][0]
+    ref_median = float(np.median(times[reference]))
+    ref_labels = outputs[reference].argmax(-1)
+    return {
+        "scenario": f"runtimes: cube 160^3, roi 64^3, overlap 0.5, sw_batch_size 2, {BLOCK}",
+        "median_s": {k: round(float(np.median(v)), 2) for k, v in times.items()},
+        "ratio_to_reference": {
+            k: round(float(np.median(v)) / ref_median, 3) for k, v in times.items()
+        },
+        "same_labels_as_reference": {
+            k: round(float((o.argmax(-1) == ref_labels).mean()), 5) for k, o in outputs.items()
+        },
+        "max_abs_prob_diff": {
+            k: round(float(np.abs(o - outputs[reference]).max()), 4) for k, o in outputs.items()
+        },
+        "peak_rss_mb": round(peak_rss_mb()),
+    }
+
+
 SCENARIOS = {
     "cube": run_cube,
+    "runtimes": run_runtimes,
     "hippo": run_hippo,
     "ct": run_ct,
     "ct_file": run_ct_file,

@@ -13,6 +13,13 @@ per stage (``block=plain``: a strided entry conv and one plain block per encoder
 per decoder stage), every scheme, and first the same network in stock Keras layers (``reference``,
 no custom layers) for comparison. ``--block residual`` measures the residual encoder instead (an
 entry conv and a two-conv residual block per stage: 24 % more convolution work).
+
+A scheme may name its own dtype policy, ``SCHEME@POLICY``, to compare precisions in one run
+(the stock network in float32 against segshare's in bfloat16, issue 15)::
+
+    python scripts/bench_train.py --schemes reference@float32 none@float32 none@mixed_bfloat16
+
+The last column is each entry's speed relative to the first entry's (median s/step ratio).
 """
 
 from __future__ import annotations
@@ -93,8 +100,12 @@ def _generic_step(model, optimizer, loss_fn, jit: bool):
     return lambda x, y: float(model.train_on_batch(x, y))
 
 
-def prepare(args: argparse.Namespace, scheme: str, jit: bool, x, y) -> dict:
-    """Build one scheme's model and train step, and warm it up (tracing included)."""
+def prepare(args: argparse.Namespace, entry: str, jit: bool, x, y) -> dict:
+    """Build one entry's model (``SCHEME`` or ``SCHEME@POLICY``) and train step, and warm it up
+    (tracing included)."""
+    scheme, _, policy = entry.partition("@")
+    policy = policy or args.precision
+    keras.mixed_precision.set_global_policy(policy)  # the layers keep the policy built with
     keras.utils.set_random_seed(0)
     blocks = args.blocks or [1] * len(args.features)
     if scheme == "reference":
@@ -110,15 +121,16 @@ def prepare(args: argparse.Namespace, scheme: str, jit: bool, x, y) -> dict:
             sharing=scheme,
         )
     optimizer = keras.optimizers.SGD(0.01, momentum=0.99, nesterov=True)
-    if args.precision == "mixed_float16":
+    if policy == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     maker = _tf_step if keras.backend.backend() == "tensorflow" else _generic_step
     step = maker(model, optimizer, DiceCELoss(), jit)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         step(x, y)
+    keras.mixed_precision.set_global_policy(args.precision)
     return {
-        "scheme": scheme,
+        "scheme": entry,
         "step": step,
         "unique_params": count_unique_params(model),
         "warmup_s": time.perf_counter() - t0,
@@ -162,14 +174,19 @@ def main() -> None:
         for run in runs:
             time_round(run, args.steps, x, y)
     voxels = args.batch * int(np.prod(args.patch))
-    header = ("scheme", "params", "median s/step", "patches/s", "Mvox/s", "best Mvox/s", "warmup s")
-    print("".join(f"{h:<10}" if i == 0 else f"{h:>14}" for i, h in enumerate(header)))
+    header = (
+        "scheme", "params", "median s/step", "patches/s", "Mvox/s", "best Mvox/s", "warmup s",
+        "x first",
+    )  # fmt: skip
+    width = max(10, *(len(r["scheme"]) + 2 for r in runs))
+    print("".join(f"{h:<{width}}" if i == 0 else f"{h:>14}" for i, h in enumerate(header)))
+    first = float(np.median(runs[0]["rounds"]))
     for run in runs:
         median, best = float(np.median(run["rounds"])), min(run["rounds"])
         print(
-            f"{run['scheme']:<10}{run['unique_params']:>14,}{median:>14.3f}"
+            f"{run['scheme']:<{width}}{run['unique_params']:>14,}{median:>14.3f}"
             f"{args.batch / median:>14.2f}{voxels / median / 1e6:>14.3f}"
-            f"{voxels / best / 1e6:>14.3f}{run['warmup_s']:>14.1f}"
+            f"{voxels / best / 1e6:>14.3f}{run['warmup_s']:>14.1f}{first / median:>14.2f}"
         )
 
 
