@@ -85,3 +85,34 @@ def test_cases_left_to_another_run_make_the_exit_status_1(capsys):
     assert finish(PredictReport(written=["a"], busy=["case_7"])) == 1
     err = capsys.readouterr().err
     assert "1 case(s) not written yet, being predicted by another run (case_7)" in err
+
+
+def test_a_window_wider_than_the_training_patch_needs_fewer_windows(tmp_path, run_dir):
+    """The network is fully convolutional: window.roi_size may exceed the training patch (16^3
+    here); a pointwise model then gives the same labels from fewer windows."""
+    from segshare.data.discovery import discover_images
+    from segshare.inference.predictor import predict_cases
+    from segshare.inference.sliding_window import WindowSettings
+    from segshare.inference.trained_run import load_trained_run
+
+    from .conftest import random_scan, write_scan
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_scan(scans / "a.nii.gz", random_scan((40, 36, 30)), np.eye(4))
+    labels, calls = {}, {}
+    for roi in ([16, 16, 16], [48, 48, 32]):
+        predictor = load_trained_run(run_dir).predictor(WindowSettings(roi, 0.5, 1, 0.125))
+        inner, count = predictor.predict_fn, []
+
+        def counted(batch, inner=inner, count=count):
+            count.append(len(batch))
+            return inner(batch)
+
+        predictor.predict_fn = counted
+        out = tmp_path / f"roi{roi[0]}"
+        assert not predict_cases(predictor, discover_images(scans), out, progress=False).failed
+        labels[roi[0]] = np.asarray(nib.load(out / "a.nii.gz").dataobj)
+        calls[roi[0]] = sum(count)
+    np.testing.assert_array_equal(labels[48], labels[16])
+    assert calls[48] == 1 and calls[16] > 20
