@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segshare.data.discovery import Case, discover_dataset, is_inside
-from segshare.data.io import atomic_folder, read_json, strip_nifti_suffix, write_json_atomic
+from segshare.data.discovery import Case, discover_dataset, is_inside, subset_dataset_json
+from segshare.data.io import atomic_folder, read_json, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,14 +80,8 @@ def _write_dataset_json(src: Path, tmp: Path, train: list[Case], test: list[Case
     """``dataset.json`` of ``SRC`` for the split (none written when ``SRC`` has none)."""
     if not (src / "dataset.json").is_file():
         return
-    meta = read_json(src / "dataset.json")
+    meta = subset_dataset_json(read_json(src / "dataset.json"), {c.case_id for c in train})
     meta["name"] = f"{meta.get('name', src.name)} (hold-out {len(test)})"
-    kept = {c.case_id for c in train}
-    if isinstance(meta.get("training"), list):
-        meta["training"] = [
-            e for e in meta["training"] if strip_nifti_suffix(Path(e["image"]).name) in kept
-        ]
-    meta["numTraining"] = len(train)
     meta["numTest"] = len(test)
     meta["test"] = [f"imagesTs/{c.images[0].name}" for c in test]
     write_json_atomic(meta, tmp / "dataset.json")

@@ -26,13 +26,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from segshare.data.discovery import Case, discover_dataset, is_inside
+from segshare.data.discovery import Case, discover_dataset, is_inside, subset_dataset_json
 from segshare.data.io import (
     load_nifti,
     read_json,
     read_label_voxels,
     save_nifti_atomic,
-    strip_nifti_suffix,
     write_json_atomic,
 )
 
@@ -120,14 +119,8 @@ def _write_dataset_json(src: Path, dst: Path, cases: list[Case], factor: int) ->
     """``dataset.json`` of ``SRC`` for the converted cases (none written when ``SRC`` has none)."""
     if not (src / "dataset.json").is_file():
         return
-    meta = read_json(src / "dataset.json")
+    meta = subset_dataset_json(read_json(src / "dataset.json"), {c.case_id for c in cases})
     meta["name"] = f"{meta.get('name', src.name)} (thick slices x{factor})"
-    ids = {c.case_id for c in cases}
-    if isinstance(meta.get("training"), list):
-        meta["training"] = [
-            e for e in meta["training"] if strip_nifti_suffix(Path(e["image"]).name) in ids
-        ]
-    meta["numTraining"] = len(cases)
     if "numTest" in meta:
         meta["numTest"] = 0
     if "test" in meta:

@@ -269,18 +269,27 @@ def parse_labels(
     for value, names in by_value.items():
         if len(names) > 1:
             found.append(f"labels {names} all have the value {value}; each label needs its own")
-    if IGNORE_LABEL in labels:
-        others = [v for k, v in labels.items() if k != IGNORE_LABEL]
-        if others and labels[IGNORE_LABEL] <= max(others):
-            found.append(
-                f"label 'ignore' has the value {labels[IGNORE_LABEL]}, but the ignore label must "
-                f"have the highest value (nnU-Net's rule): give it a value above {max(others)}"
-            )
+    others = [v for k, v in labels.items() if k != IGNORE_LABEL]
+    _check_ignore(labels.get(IGNORE_LABEL), others, found)
+    _report(found, where, problems)
+    return labels
+
+
+def _check_ignore(ignore: int | None, values: list[int], found: list[str]) -> None:
+    """nnU-Net's rule: the ignore label has the highest value."""
+    if ignore is not None and values and ignore <= max(values):
+        found.append(
+            f"label 'ignore' has the value {ignore}, but the ignore label must have the "
+            f"highest value (nnU-Net's rule): give it a value above {max(values)}"
+        )
+
+
+def _report(found: list[str], where: str, problems: list[tuple[str, str]] | None) -> None:
+    """``found`` into ``problems``; with ``None``, the first raises ``ValueError``."""
     if found and problems is None:
         raise ValueError(f"{where}: {found[0]}")
     if problems is not None:
         problems.extend((where, message) for message in found)
-    return labels
 
 
 def _is_int(value: object) -> bool:
@@ -355,19 +364,24 @@ def parse_regions(
         )
         order = []
     values = sorted({v for vs in regions.values() for v in vs})
-    if IGNORE_LABEL in labels and values and labels[IGNORE_LABEL] <= values[-1]:
-        found.append(
-            f"label 'ignore' has the value {labels[IGNORE_LABEL]}, but the ignore label must "
-            f"have the highest value (nnU-Net's rule): give it a value above {values[-1]}"
-        )
-    if found and problems is None:
-        raise ValueError(f"{where}: {found[0]}")
-    if problems is not None:
-        problems.extend((where, message) for message in found)
+    _check_ignore(labels.get(IGNORE_LABEL), values, found)
+    _report(found, where, problems)
     named = {"background": 0, **{f"label {v}": v for v in values}}
     if IGNORE_LABEL in labels:
         named[IGNORE_LABEL] = labels[IGNORE_LABEL]
     return named, regions, list(order)
+
+
+def subset_dataset_json(meta: dict, case_ids: set[str]) -> dict:
+    """A copy of a ``dataset.json`` for ``case_ids`` only: its ``training`` list (MSD) filtered
+    and ``numTraining`` set (for datasets derived by scripts, e.g. thick slices, a hold-out)."""
+    meta = dict(meta)
+    if isinstance(meta.get("training"), list):
+        meta["training"] = [
+            e for e in meta["training"] if strip_nifti_suffix(Path(e["image"]).name) in case_ids
+        ]
+    meta["numTraining"] = len(case_ids)
+    return meta
 
 
 def split_ignore_label(labels: dict[str, int]) -> tuple[dict[str, int], int | None]:
