@@ -59,6 +59,7 @@ def peak_rss_mb() -> float:
 
 
 BLOCK = "plain"  # set by --block
+KERAS_ONLY = False  # set by --keras-only: the runtimes scenario without OpenVINO
 
 
 def benchmark_network(num_classes: int = 3):
@@ -313,6 +314,8 @@ def run_runtimes(repeats: int) -> dict:
     functions, folder = {}, Path(tempfile.mkdtemp(prefix="bench_runtimes."))
     weights = None
     for label, old, runtime, precision in RUNTIME_VARIANTS:
+        if KERAS_ONLY and runtime != "keras":
+            continue
         keras.utils.set_random_seed(0)
         model = _old_norm_network() if old else benchmark_network()
         if weights is None:
@@ -345,7 +348,8 @@ def run_runtimes(repeats: int) -> dict:
     ref_median = float(np.median(times[reference]))
     ref_labels = outputs[reference].argmax(-1)
     return {
-        "scenario": f"runtimes: cube 160^3, roi 64^3, overlap 0.5, sw_batch_size 2, {BLOCK}",
+        "scenario": f"runtimes: cube 160^3, roi 64^3, overlap 0.5, sw_batch_size 2, {BLOCK}, "
+        f"{keras.backend.backend()}",
         "median_s": {k: round(float(np.median(v)), 2) for k, v in times.items()},
         "ratio_to_reference": {
             k: round(float(np.median(v)) / ref_median, 3) for k, v in times.items()
@@ -377,15 +381,16 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(SCENARIOS), help="run one scenario in-process")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (best reported)")
     parser.add_argument("--block", choices=["plain", "residual"], default="plain")
+    parser.add_argument("--keras-only", action="store_true", help="runtimes: no OpenVINO")
     args = parser.parse_args()
-    global BLOCK
-    BLOCK = args.block
+    global BLOCK, KERAS_ONLY
+    BLOCK, KERAS_ONLY = args.block, args.keras_only
     if args.only:
         print(json.dumps(SCENARIOS[args.only](args.repeats)), flush=True)
         return
     for name in SCENARIOS:  # one process per scenario: clean peak-RSS numbers
         cmd = [sys.executable, __file__, "--only", name, "--repeats", str(args.repeats)]
-        cmd += ["--block", args.block]
+        cmd += ["--block", args.block] + (["--keras-only"] if args.keras_only else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         print(lines[-1] if lines else f"{name}: failed\n{out.stderr[-2000:]}", flush=True)

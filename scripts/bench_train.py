@@ -19,12 +19,18 @@ A scheme may name its own dtype policy, ``SCHEME@POLICY``, to compare precisions
 
     python scripts/bench_train.py --schemes reference@float32 none@float32 none@mixed_bfloat16
 
+``SCHEME+groupnorm`` builds segshare's network with the norm it had before issue 15 (Keras'
+``GroupNormalization(groups=-1)``, 6-D reshape) instead of ``InstanceNormalization``::
+
+    python scripts/bench_train.py --schemes none+groupnorm none
+
 The last column is each entry's speed relative to the first entry's (median s/step ratio).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -80,6 +86,28 @@ def build_reference_unet(features, classes: int) -> keras.Model:
     return keras.Model(inputs, layers.Conv3D(classes, 1)(x), name="plain_keras_reference")
 
 
+@contextlib.contextmanager
+def _norm(kind: str):
+    """Build with Keras' ``GroupNormalization(groups=-1)`` (``kind="groupnorm"``), the norm of
+    segshare's networks before issue 15; ``""``: today's ``InstanceNormalization``."""
+    import segshare.models.encoder as encoder
+    import segshare.models.unet as unet
+
+    if kind not in ("", "groupnorm"):
+        raise SystemExit(f"unknown norm {kind!r} (SCHEME+groupnorm)")
+    saved = encoder.make_norm
+    if kind == "groupnorm":
+
+        def group_norm(_kind, name):
+            return keras.layers.GroupNormalization(groups=-1, epsilon=1e-5, name=name)
+
+        encoder.make_norm = unet.make_norm = group_norm
+    try:
+        yield
+    finally:
+        encoder.make_norm = unet.make_norm = saved
+
+
 def _tf_step(model, optimizer, loss_fn, jit: bool):
     import tensorflow as tf
 
@@ -104,6 +132,7 @@ def prepare(args: argparse.Namespace, entry: str, jit: bool, x, y) -> dict:
     """Build one entry's model (``SCHEME`` or ``SCHEME@POLICY``) and train step, and warm it up
     (tracing included)."""
     scheme, _, policy = entry.partition("@")
+    scheme, _, norm = scheme.partition("+")
     policy = policy or args.precision
     keras.mixed_precision.set_global_policy(policy)  # the layers keep the policy built with
     keras.utils.set_random_seed(0)
@@ -111,15 +140,16 @@ def prepare(args: argparse.Namespace, entry: str, jit: bool, x, y) -> dict:
     if scheme == "reference":
         model = build_reference_unet(args.features, args.classes)
     else:
-        model = build_unet(
-            in_channels=1,
-            num_classes=args.classes,
-            features=args.features,
-            blocks_per_stage=blocks,
-            block=args.block,
-            decoder_blocks=args.decoder_blocks,
-            sharing=scheme,
-        )
+        with _norm(norm):
+            model = build_unet(
+                in_channels=1,
+                num_classes=args.classes,
+                features=args.features,
+                blocks_per_stage=blocks,
+                block=args.block,
+                decoder_blocks=args.decoder_blocks,
+                sharing=scheme,
+            )
     optimizer = keras.optimizers.SGD(0.01, momentum=0.99, nesterov=True)
     if policy == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
