@@ -372,3 +372,23 @@ def test_configuration_comparisons_refuse_unequal_folds_and_name_the_configurati
         find_best_configuration({"a": a, "b": a[:2]}, tmp_path / "x", num_workers=1)
     with pytest.raises(ValueError, match="runs_by_config must map each configuration"):
         run(_compose("runs_by_config=foo", f"output={tmp_path / 'y'}"))
+
+
+def test_a_merge_of_region_runs_is_scored_per_region(tmp_path):
+    """Runs trained with regions: the merge's dataset.json carries them, and the merged summary
+    scores every region as well as every value."""
+    runs = [write_run(tmp_path / "folds" / str(k), k) for k in FOLDS]
+    for run_dir in runs:
+        plan = Plan.load(run_dir / "plan.json")
+        plan.regions, plan.regions_class_order, plan.num_classes = {"bright region": [1]}, [1], 1
+        plan.save(run_dir / "plan.json")
+        info = json.loads((run_dir / RUN_FILE).read_text())
+        info["num_classes"] = 1
+        (run_dir / RUN_FILE).write_text(json.dumps(info))
+    summary = merge(runs, tmp_path / "cv", postprocessing=False)
+    meta = json.loads((tmp_path / "cv" / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "bright region": [1]}
+    assert meta["regions_class_order"] == [1]
+    want = np.mean([dice(c) for c in SHIFTS])
+    assert summary["region_mean"]["bright region"]["Dice"] == pytest.approx(want)
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(want)  # the one value, label 1
