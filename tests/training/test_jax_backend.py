@@ -60,7 +60,13 @@ def _log(run: Path) -> list[dict]:
 def _predict(model_path: Path, images: Path, output: Path) -> None:
     with initialize_config_module(version_base="1.3", config_module="segshare.conf"):
         cfg = compose(
-            "predict", overrides=[f"model_path={model_path}", f"input={images}", f"output={output}"]
+            "predict",
+            overrides=[
+                f"model_path={model_path}",
+                f"input={images}",
+                f"output={output}",
+                "precision=float32",  # the backends compared, not bfloat16's rounding
+            ],  # fmt: skip
         )
     predict_run(cfg)
 
@@ -83,7 +89,12 @@ def test_jax_trains_resumes_exactly_and_models_cross_backends(make_cfg, tiny_dat
         "common": common,
         "runs": str(tmp_path / "jax"),
         "train": ["trainer.max_epochs=2", "trainer.deterministic=true"],
-        "predict": [f"model_path={tf_run}", f"input={images}", f"output={tmp_path / 'jax_of_tf'}"],
+        "predict": [
+            f"model_path={tf_run}",
+            f"input={images}",
+            f"output={tmp_path / 'jax_of_tf'}",
+            "precision=float32",
+        ],  # fmt: skip
     }
     done = subprocess.run(
         [sys.executable, "-c", JAX_SCRIPT, json.dumps(args)],

@@ -61,6 +61,7 @@ def test_train_writes_a_usable_run_folder(make_cfg, tmp_path):
                 f"output={tmp_path / 'predicted'}",
                 f"paths.root_dir={tmp_path}",
                 "inference.progress=false",
+                "precision=float32",  # as the final evaluation (auto may pick bfloat16)
             ],
         )
     assert {c.case_id for c in val_cases} <= set(predict_run(predict_cfg).written)
