@@ -58,3 +58,21 @@ def test_the_conversion_is_cached_by_digest_and_redone_for_a_new_model(tmp_path)
 def test_an_unknown_runtime_is_refused(tta_run):
     with pytest.raises(ValueError, match=r"runtime must be one of \('keras', 'openvino'\)"):
         _predict(tta_run, "onnx")
+
+
+def test_sigmoid_outputs_and_consecutive_batches_are_independent(tmp_path):
+    """Region models: the sigmoid is appended in the IR; each returned batch is its own array
+    (the request's output buffer is reused by the next call)."""
+    import keras
+
+    from segshare.inference.openvino_runtime import openvino_predict_fn
+
+    model = asymmetric_model()
+    model.save(tmp_path / "model.keras")
+    predict = openvino_predict_fn(tmp_path / "model.keras", model, activation="sigmoid")
+    rng = np.random.default_rng(1)
+    a, b = (rng.normal(size=(2, 16, 16, 16, 1)).astype(np.float32) for _ in range(2))
+    first, second = predict(a), predict(b)
+    expected = keras.ops.convert_to_numpy(keras.ops.sigmoid(model(a)))
+    np.testing.assert_allclose(first, expected, atol=1e-5)
+    assert not np.allclose(first, second)
