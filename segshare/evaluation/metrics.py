@@ -133,18 +133,8 @@ def aggregate_means(
     Returns:
         ``(mean, foreground_mean)``: ``{label: {metric: value}}`` and ``{metric: value}``.
     """
-    mean = {
-        int(label): {m: nanmean([case[label][m] for case in per_case]) for m in ALL_METRICS}
-        for label in labels
-    }
-    fg = [label for label in labels if label != 0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        foreground = {
-            m: float(np.mean([mean[label][m] for label in fg])) if fg else float("nan")
-            for m in ALL_METRICS
-        }
-    return mean, foreground
+    labels = [int(label) for label in labels]
+    return _means_over_cases(per_case, labels, [label for label in labels if label != 0])
 
 
 def region_means(
@@ -152,14 +142,18 @@ def region_means(
 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Per-region means over the cases (nanmean) and their plain mean over the regions (what
     region-based nnU-Net calls the foreground mean); the ``region_metrics`` of each case."""
-    mean = {
-        str(r): {m: nanmean([case[r][m] for case in per_case]) for m in ALL_METRICS}
-        for r in regions
-    }
+    regions = [str(r) for r in regions]
+    return _means_over_cases(per_case, regions, regions)
+
+
+def _means_over_cases(per_case: Sequence[dict], keys: Sequence, pooled: Sequence):
+    """``{key: {metric: nanmean over cases}}`` and the plain mean of those over ``pooled`` (NaN
+    when ``pooled`` is empty or one of its means is NaN)."""
+    mean = {k: {m: nanmean([case[k][m] for case in per_case]) for m in ALL_METRICS} for k in keys}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         overall = {
-            m: float(np.mean([mean[r][m] for r in mean])) if mean else float("nan")
+            m: float(np.mean([mean[k][m] for k in pooled])) if pooled else float("nan")
             for m in ALL_METRICS
         }
     return mean, overall
