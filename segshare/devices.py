@@ -49,11 +49,18 @@ def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, ...]:
     return tuple(f for f in BF16_CPU_FLAGS if f in flags)
 
 
+def _keras_backend() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
 def resolve_precision(setting: str, training: bool = False) -> tuple[str, str]:
     """``precision=auto`` (or an explicit setting) -> ``(precision, why)``.
 
     ``auto`` is bfloat16 (training: ``mixed_bfloat16``, float32 variables) with an accelerator
-    or on a CPU with native bfloat16 (:data:`BF16_CPU_FLAGS`), float32 elsewhere.
+    or on a CPU with native bfloat16 (:data:`BF16_CPU_FLAGS`) under the TensorFlow backend,
+    float32 elsewhere (JAX's CPU convolutions gain nothing from bfloat16: docs/benchmarks.md).
 
     Raises:
         ValueError: a setting that is not one of :data:`PREDICT_PRECISIONS` (prediction) or
@@ -70,5 +77,11 @@ def resolve_precision(setting: str, training: bool = False) -> tuple[str, str]:
         return bf16, "auto: an accelerator"
     flags = cpu_bf16_flags()
     if flags:
+        backend = _keras_backend()
+        if backend != "tensorflow":  # XLA's CPU convolutions measured no faster in bf16
+            return "float32", (
+                f"auto: the CPU has {', '.join(flags)}, but only TensorFlow's CPU kernels were "
+                f"measured faster in bfloat16, not {backend}'s (docs/benchmarks.md)"
+            )
         return bf16, f"auto: the CPU has {', '.join(flags)}"
     return "float32", "auto: the CPU has no native bfloat16 (avx512_bf16 or AMX)"

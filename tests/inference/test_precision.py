@@ -38,8 +38,12 @@ def test_auto_chooses_bfloat16_where_the_hardware_has_it(
 ):
     monkeypatch.setattr(devices, "cpu_bf16_flags", lambda: flags)
     monkeypatch.setattr(devices, "accelerator_present", lambda: accelerator)
+    monkeypatch.setattr(devices, "_keras_backend", lambda: "tensorflow")
     precision, why = resolve_precision("auto", training=training)
     assert precision == want and why.startswith("auto")
+    monkeypatch.setattr(devices, "_keras_backend", lambda: "jax")
+    on_jax = resolve_precision("auto", training=training)[0]
+    assert on_jax == (want if accelerator else "float32")
     assert resolve_precision("float32", training=training) == ("float32", "as set")
     with pytest.raises(ValueError, match="must be one of"):
         resolve_precision("float16", training=training)
