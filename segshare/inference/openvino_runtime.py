@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from segshare.inference.model_io import ACTIVATIONS
+
 #: OpenVINO's ``INFERENCE_PRECISION_HINT`` per precision setting.
 PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16"}
 
@@ -87,13 +89,12 @@ def converted_ir(model_file: Path, model: Any) -> Path:
     raise ValueError(f"{model_file}: cannot write its OpenVINO conversion ({'; '.join(problems)})")
 
 
-def _with_activation(openvino, xml: Path, activation: str):
-    """The IR read from ``xml`` with its first output cast to float32 and activated."""
+def _with_activation(openvino, core, xml: Path, activation: str):
+    """The IR read from ``xml`` by ``core`` with its first output cast to float32 and activated."""
     from openvino import opset13 as ops
     from openvino.preprocess import PrePostProcessor
 
-    model = openvino.Core().read_model(str(xml))
-    steps = PrePostProcessor(model)
+    steps = PrePostProcessor(core.read_model(str(xml)))
     post = steps.output(0).postprocess()
     post.convert_element_type(openvino.Type.f32)
     if activation == "sigmoid":
@@ -123,11 +124,12 @@ def openvino_predict_fn(
     """
     if precision not in PRECISION_HINTS:
         raise ValueError(f"precision must be one of {tuple(PRECISION_HINTS)}, got {precision!r}")
-    if activation not in ("softmax", "sigmoid"):
-        raise ValueError(f"activation must be softmax or sigmoid, got {activation!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     openvino = _require_openvino()
     xml = converted_ir(Path(model_file), model)
-    core, activated = openvino.Core(), _with_activation(openvino, xml, activation)
+    core = openvino.Core()
+    activated = _with_activation(openvino, core, xml, activation)
     requests: dict[tuple[int, ...], Any] = {}
 
     def request_for(shape: tuple[int, ...]):
@@ -149,7 +151,10 @@ def openvino_predict_fn(
             request, output = request_for(x.shape)
             p = request.infer([x])[output]  # the request's buffer: copied before the next call
             p = np.flip(p, axes) if axes else p
-            total = np.array(p, dtype=np.float32) if total is None else total + p
+            if total is None:
+                total = np.array(p, dtype=np.float32)
+            else:
+                total += p
         if len(flips) > 1:
             total /= len(flips)
         return np.ascontiguousarray(total)
