@@ -76,3 +76,21 @@ def test_sigmoid_outputs_and_consecutive_batches_are_independent(tmp_path):
     expected = keras.ops.convert_to_numpy(keras.ops.sigmoid(model(a)))
     np.testing.assert_allclose(first, expected, atol=1e-5)
     assert not np.allclose(first, second)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7, 3), (3, 9, 8, 4)])
+def test_the_softmax_is_over_the_class_axis_for_3d_and_2d_windows(shape):
+    """The appended softmax moves the classes to axis 1 and back (a faster kernel): the values
+    and the layout are those of a softmax over the last axis."""
+    import openvino
+    from openvino import opset13 as ops
+
+    from segshare.inference.openvino_runtime import _channels_first_softmax
+
+    logits = np.random.default_rng(2).normal(scale=4, size=shape).astype(np.float32)
+    parameter = ops.parameter(list(shape), openvino.Type.f32)
+    model = openvino.Model([_channels_first_softmax(parameter.output(0))], [parameter])
+    compiled = openvino.Core().compile_model(model, "CPU")
+    ours = compiled([logits])[compiled.outputs[0]]
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(ours, e / e.sum(-1, keepdims=True), atol=1e-6)
