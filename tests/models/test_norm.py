@@ -80,3 +80,67 @@ def test_models_and_checkpoints_of_the_old_norm_load_unchanged(tmp_path):
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(b(y)), keras.ops.convert_to_numpy(a(y)), atol=1e-5
     )
+
+
+GRADIENT_SCRIPT = """
+import json, sys, numpy as np, keras
+from segshare.models.norm import InstanceNormalization
+assert keras.backend.backend() == sys.argv[1], keras.backend.backend()
+rng = np.random.default_rng(0)
+out = {}
+for dtype, offset in (("float32", 1.0), ("float32", 40.0), ("mixed_bfloat16", 1.0)):
+    x = (rng.normal(size=(2, 9, 8, 7, 3)) * 3 + offset).astype("float32")
+    w = rng.normal(size=x.shape).astype("float32")
+    layer = InstanceNormalization(dtype=dtype)
+    layer.build(x.shape)
+    layer.set_weights([rng.normal(size=3).astype("float32"), rng.normal(size=3).astype("float32")])
+
+    def loss(values, x, training):
+        y, _ = layer.stateless_call(values, [], x, training=training)
+        return keras.ops.sum(keras.ops.cast(y, "float32") * w)
+
+    if keras.backend.backend() == "jax":
+        import jax
+        grads = [jax.grad(loss, argnums=(0, 1))([v.value for v in layer.trainable_variables],
+                                                x, t) for t in (True, False)]
+        grads = [[*g[0], g[1]] for g in grads]
+    else:
+        import tensorflow as tf
+        grads = []
+        for t in (True, False):
+            values, xt = [tf.Variable(v.value) for v in layer.trainable_variables], tf.constant(x)
+            with tf.GradientTape() as tape:
+                tape.watch(xt)
+                value = loss(values, xt, t)
+            grads.append(tape.gradient(value, [*values, xt]))
+    closed, auto = ([np.asarray(keras.ops.convert_to_numpy(g), np.float32) for g in gs]
+                    for gs in grads)
+    out[f"{dtype}@{offset}"] = [float(np.abs(a - b).max() / np.abs(b).max())
+                                for a, b in zip(closed, auto)]
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_the_closed_form_gradient_equals_automatic_differentiation(backend):
+    """In training the norm's gradient (gamma, beta, inputs) is its closed form: the same as
+    differentiating the forward ops, in float32 (also for activations far from zero mean) and in
+    mixed_bfloat16 (to bfloat16 round-off)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if backend == "jax":
+        pytest.importorskip("jax")
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, "-c", GRADIENT_SCRIPT, backend],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT"))
+    errors = json.loads(line[len("RESULT") :])
+    for case, relative in errors.items():
+        bound = 2e-2 if case.startswith("mixed") else 1e-5
+        assert len(relative) == 3 and max(relative) < bound, (case, relative)
