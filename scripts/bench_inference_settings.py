@@ -14,9 +14,13 @@ to the first variant:
    bfloat16 (when installed); the Dice difference to the reference is paired over the cases
    (:mod:`segshare.evaluation.comparison`).
 2. **wider windows**: the training patch (the reference), then 2x and 4x its size per axis
-   (rounded to the network's stride), on the cases as they are and on the same cases padded with
-   background into a 160^3 field (the scan's world geometry kept: the affine's origin moves with
-   the padding), where a wider window means fewer windows.
+   (rounded to the network's stride, at most 160), on the cases as they are (smaller than the
+   patch: the wider windows are fitted back to it, ``segshare.inference.sliding_window.
+   fitted_roi``) and on the same cases embedded in a 160^3 field, where a wider window means
+   fewer windows. The field is the scan mirrored outwards (``np.pad(mode="reflect")``; the
+   scan's world geometry kept, the affine's origin moving with the padding): zeros would be
+   cropped away by preprocessing, mirrored anatomy is not. The predictions are scored inside the
+   original scan's box only (the mirrored copies have no labels).
 
 Prints one JSON object per experiment.
 """
@@ -48,14 +52,14 @@ def _cases(run_dir: Path, max_cases: int | None):
 
 
 def _padded(cases, folder: Path, size: int = 160):
-    """Each case's image and label zero-padded (centred) into a ``size``^3 field, same world
-    geometry; returns the new cases."""
+    """Each case's image mirrored outwards (centred) into a ``size``^3 field, same world
+    geometry; returns the new cases and each case's box ``(start, shape)`` in the field."""
     import nibabel as nib
 
     from segshare.data.discovery import Case
 
     folder.mkdir(parents=True, exist_ok=True)
-    out = []
+    out, boxes = [], {}
     for case in cases:
         files = []
         for k, path in enumerate((*case.images, case.label)):
@@ -68,13 +72,31 @@ def _padded(cases, folder: Path, size: int = 160):
             affine[:3, 3] -= affine[:3, :3] @ np.asarray(before, float)  # voxel 0 moves out
             kind = "label" if k == len(case.images) else f"image{k}"
             target = folder / f"{case.case_id}_{kind}.nii.gz"
-            nib.save(nib.Nifti1Image(np.pad(data, pad), affine, img.header), target)
+            field = np.pad(data, pad) if kind == "label" else np.pad(data, pad, mode="reflect")
+            nib.save(nib.Nifti1Image(field, affine, img.header), target)
             files.append(target)
+            boxes[case.case_id] = (before, data.shape[:3])
         out.append(Case(case.case_id, tuple(files[:-1]), files[-1]))
+    return out, boxes
+
+
+def _crop_predictions(pred_dir: Path, boxes: dict) -> Path:
+    """The predictions of embedded cases cut back to each original scan's box (a new folder)."""
+    import nibabel as nib
+
+    out = pred_dir.parent / (pred_dir.name + "_box")
+    out.mkdir(exist_ok=True)
+    for case_id, (start, shape) in boxes.items():
+        img = nib.load(pred_dir / f"{case_id}.nii.gz")
+        box = tuple(slice(b, b + s) for b, s in zip(start, shape, strict=True))
+        affine = img.affine.copy()
+        affine[:3, 3] += affine[:3, :3] @ np.asarray(start, float)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[box], affine), out / f"{case_id}.nii.gz")
     return out
 
 
 def _score(pred_dir: Path, cases, run) -> dict[str, float]:
+    """Foreground-mean Dice per case against each case's label file."""
     from segshare.evaluation import evaluate_folders
     from segshare.evaluation.comparison import case_scores
 
@@ -91,8 +113,10 @@ def _score(pred_dir: Path, cases, run) -> dict[str, float]:
     return case_scores(summary)
 
 
-def _experiment(run_dir, run, cases, variants, repeats, folder: Path) -> dict:
-    """``variants``: ``{label: load_ensemble keyword arguments}``; the first is the reference."""
+def _experiment(run_dir, run, cases, variants, repeats, folder: Path, crop=None) -> dict:
+    """``variants``: ``{label: load_ensemble keyword arguments}``; the first is the reference.
+    ``crop``: ``(boxes, original cases)`` of embedded cases (:func:`_padded`), scored inside
+    their original box against the original labels."""
     from segshare.evaluation.comparison import format_difference, paired_comparison
     from segshare.inference.ensemble import load_ensemble
     from segshare.inference.predictor import predict_cases
@@ -114,8 +138,10 @@ def _experiment(run_dir, run, cases, variants, repeats, folder: Path) -> dict:
             if report.failed:
                 raise RuntimeError(f"{label}: {report.failed}")
             seconds[label].append(report.seconds / len(cases))
-            if r == 0:
+            if r == 0 and crop is None:
                 scores[label] = _score(out, cases, run)
+            elif r == 0:
+                scores[label] = _score(_crop_predictions(out, crop[0]), crop[1], run)
     reference = next(iter(predictors))
     ref_s = float(np.median(seconds[reference]))
     return {
@@ -160,10 +186,11 @@ def main() -> None:
         for factor in (2, 4):
             roi = [min(160, -(-p * factor // stride) * stride) for p in patch]
             variants[f"roi_{'x'.join(map(str, roi))}"] = {"roi_size": roi}
-        for name, which in (("as_is", cases), ("padded_160", _padded(cases, folder / "padded"))):
+        field, boxes = _padded(cases, folder / "padded")
+        for name, which, crop in (("as_is", cases, None), ("in_160_field", field, (boxes, cases))):
             result = _experiment(
                 args.run, run, which, {k: dict(v) for k, v in variants.items()}, args.repeats,
-                folder / f"windows_{name}",
+                folder / f"windows_{name}", crop,
             )  # fmt: skip
             print(json.dumps({"experiment": f"wider windows, cases {name}", **result}), flush=True)
 

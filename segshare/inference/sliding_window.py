@@ -14,6 +14,7 @@ map are allocated; volumes smaller than the window are padded (a copy of the sma
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -53,6 +54,8 @@ class WindowSettings:
         overlap: fraction of a window shared with its neighbour along each axis, in ``[0, 1)``.
         sw_batch_size: windows per model call.
         sigma_scale: Gaussian sigma as a fraction of ``roi_size`` (nnU-Net: 1/8).
+        patch_size: the model's training patch (set by :meth:`with_default_roi`); when set, a
+            ``roi_size`` wider than it is fitted to each volume (:func:`fitted_roi`).
 
     Raises:
         ValueError: quoting a bad value (checked on construction).
@@ -62,6 +65,7 @@ class WindowSettings:
     overlap: float
     sw_batch_size: int
     sigma_scale: float
+    patch_size: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         roi = check_window_args(
@@ -71,10 +75,23 @@ class WindowSettings:
             object.__setattr__(self, "roi_size", roi)
         if not float(self.sigma_scale) > 0:
             raise ValueError(f"sigma_scale must be > 0, got {self.sigma_scale!r}.")
+        if self.patch_size is not None:
+            object.__setattr__(self, "patch_size", check_window_args(self.patch_size))
 
     def with_default_roi(self, patch_size: Sequence[int]) -> WindowSettings:
-        """These settings with ``roi_size`` set to ``patch_size`` unless one was given."""
-        return self if self.roi_size is not None else replace(self, roi_size=tuple(patch_size))
+        """These settings for a model trained on ``patch_size``: ``roi_size`` set to it unless
+        one was given, and a wider ``roi_size`` fitted to each volume (:func:`fitted_roi`)."""
+        roi = tuple(patch_size) if self.roi_size is None else self.roi_size
+        return replace(self, roi_size=roi, patch_size=tuple(patch_size))
+
+    def roi_for(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        """The window for a volume of spatial ``shape``: ``roi_size``, fitted to the volume when
+        it is wider than the training patch (:func:`fitted_roi`)."""
+        if self.roi_size is None:
+            raise ValueError("roi_size is not set: call with_default_roi(patch_size) first.")
+        if self.patch_size is None:
+            return self.roi_size
+        return fitted_roi(shape, self.roi_size, self.patch_size)
 
     def predict(
         self,
@@ -84,18 +101,49 @@ class WindowSettings:
         progress: bool = False,
     ) -> np.ndarray:
         """:func:`sliding_window_inference` of ``volume`` with these settings."""
-        if self.roi_size is None:
-            raise ValueError("roi_size is not set: call with_default_roi(patch_size) first.")
         return sliding_window_inference(
             volume,
             predict_fn,
-            self.roi_size,
+            self.roi_for(np.shape(volume)[:3]),
             overlap=self.overlap,
             sw_batch_size=self.sw_batch_size,
             sigma_scale=self.sigma_scale,
             num_classes=num_classes,
             progress=progress,
         )
+
+
+def fitted_roi(
+    shape: Sequence[int], roi_size: Sequence[int], patch_size: Sequence[int]
+) -> tuple[int, int, int]:
+    """A window no wider than the volume needs: along each axis where ``roi_size`` exceeds both
+    the volume and the training patch, the smallest multiple of ``gcd(roi, patch)`` that covers
+    the volume, and never less than the patch.
+
+    A network with instance normalisation sees a window's statistics: a window mostly made of
+    padding (a 2x window over a hippocampus case smaller than the patch) is far from anything
+    it was trained on (Dice 0.82 -> 0.002, docs/benchmarks.md). The training patch is padded
+    only as in training; a window fitted to the volume is padded by less than ``gcd(roi,
+    patch)``. ``roi`` and ``patch`` both divide by the network's total stride, so their gcd does,
+    and so does the fitted size.
+
+    Args:
+        shape: the volume's spatial shape ``(D, H, W)``.
+        roi_size: the window asked for.
+        patch_size: the training patch.
+
+    Returns:
+        The window, ``patch <= window <= roi`` along each axis where ``roi > patch``.
+    """
+    fitted = []
+    for size, roi, patch in zip(shape, roi_size, patch_size, strict=True):
+        roi, patch = int(roi), int(patch)
+        if size >= roi or roi <= patch:
+            fitted.append(roi)
+            continue
+        unit = math.gcd(roi, patch)
+        fitted.append(min(roi, max(patch, -(-int(size) // unit) * unit)))
+    return tuple(fitted)
 
 
 @lru_cache(maxsize=8)

@@ -134,3 +134,55 @@ def test_window_bar_only_on_a_terminal(monkeypatch):
     assert not bar.disable
     bar.close()
     assert _progress_bar(8, False).disable
+
+
+@pytest.mark.parametrize(
+    "shape,roi,patch,expected",
+    [
+        ((35, 51, 35), (80, 112, 80), (40, 56, 40), (40, 56, 40)),  # smaller than the patch
+        ((100, 60, 200), (128, 128, 128), (64, 64, 64), (128, 64, 128)),  # between: rounded up
+        ((160, 160, 160), (128, 128, 128), (64, 64, 64), (128, 128, 128)),  # larger than roi
+        ((20, 20, 20), (48, 48, 48), (32, 32, 32), (32, 32, 32)),  # gcd 16: never below patch
+        ((40, 40, 40), (48, 48, 48), (32, 32, 32), (48, 48, 48)),  # 40 -> 48 (gcd 16)
+        ((10, 10, 10), (16, 16, 16), (16, 16, 16), (16, 16, 16)),  # the patch: padded as before
+        ((10, 10, 10), (8, 8, 8), (16, 16, 16), (8, 8, 8)),  # narrower than the patch: as asked
+    ],
+)
+def test_a_wide_window_is_fitted_to_the_volume(shape, roi, patch, expected):
+    from segshare.inference.sliding_window import WindowSettings, fitted_roi
+
+    assert fitted_roi(shape, roi, patch) == expected
+    window = WindowSettings(roi, 0.5, 2, 0.125).with_default_roi(patch)
+    assert window.roi_size == roi and window.roi_for(shape) == expected
+    calls = []
+
+    def record(batch):
+        calls.append(batch.shape[1:4])
+        return np.ones((*batch.shape[:4], 2), np.float32)
+
+    window.predict(np.zeros((*shape, 1), np.float32), record)
+    assert set(calls) == {expected}
+    # without a patch (a bare WindowSettings) the window is taken as given
+    assert WindowSettings(roi, 0.5, 2, 0.125).roi_for(shape) == roi
+
+
+def test_a_wider_window_leaves_a_small_case_as_the_patch_predicts_it():
+    """Instance norm sees the whole window: a 2x window over a volume smaller than the patch
+    would be mostly padding. Fitted, it is the patch, so the probabilities are the patch's."""
+    import keras
+
+    from segshare.inference.model_io import make_predict_fn
+    from segshare.inference.sliding_window import WindowSettings
+    from segshare.models import build_unet
+
+    keras.utils.set_random_seed(0)
+    model = build_unet(in_channels=1, num_classes=3, features=(4, 8), blocks_per_stage=(1, 1))
+    predict_fn = make_predict_fn(model)
+    volume = np.random.default_rng(0).normal(size=(13, 15, 11, 1)).astype(np.float32)
+    patch = WindowSettings(None, 0.5, 2, 0.125).with_default_roi((16, 16, 16))
+    wide = WindowSettings((32, 32, 32), 0.5, 2, 0.125).with_default_roi((16, 16, 16))
+    np.testing.assert_array_equal(
+        wide.predict(volume, predict_fn), patch.predict(volume, predict_fn)
+    )
+    unfitted = WindowSettings((32, 32, 32), 0.5, 2, 0.125).predict(volume, predict_fn)
+    assert np.abs(unfitted - patch.predict(volume, predict_fn)).max() > 1e-3  # padding counts
