@@ -20,9 +20,11 @@ A scheme may name its own dtype policy, ``SCHEME@POLICY``, to compare precisions
     python scripts/bench_train.py --schemes reference@float32 none@float32 none@mixed_bfloat16
 
 ``SCHEME+groupnorm`` builds segshare's network with the norm it had before issue 15 (Keras'
-``GroupNormalization(groups=-1)``, 6-D reshape) instead of ``InstanceNormalization``::
+``GroupNormalization(groups=-1)``, 6-D reshape) instead of ``InstanceNormalization``;
+``SCHEME+autodiff`` with ``InstanceNormalization`` differentiated through its forward ops
+instead of its closed-form gradient::
 
-    python scripts/bench_train.py --schemes none+groupnorm none
+    python scripts/bench_train.py --schemes none+groupnorm none+autodiff none
 
 The last column is each entry's speed relative to the first entry's (median s/step ratio).
 """
@@ -89,19 +91,27 @@ def build_reference_unet(features, classes: int) -> keras.Model:
 @contextlib.contextmanager
 def _norm(kind: str):
     """Build with Keras' ``GroupNormalization(groups=-1)`` (``kind="groupnorm"``), the norm of
-    segshare's networks before issue 15; ``""``: today's ``InstanceNormalization``."""
+    segshare's networks before issue 15, or with ``InstanceNormalization`` without its
+    closed-form gradient (``"autodiff"``); ``""``: today's ``InstanceNormalization``."""
     import segshare.models.encoder as encoder
     import segshare.models.unet as unet
+    from segshare.models.norm import InstanceNormalization
 
-    if kind not in ("", "groupnorm"):
-        raise SystemExit(f"unknown norm {kind!r} (SCHEME+groupnorm)")
+    class AutodiffNorm(InstanceNormalization):
+        def call(self, inputs, training=None):
+            return super().call(inputs, training=False)  # the forward ops, differentiated
+
+    makers = {
+        "groupnorm": lambda _kind, name: keras.layers.GroupNormalization(
+            groups=-1, epsilon=1e-5, name=name
+        ),
+        "autodiff": lambda _kind, name: AutodiffNorm(epsilon=1e-5, name=name),
+    }
+    if kind not in ("", *makers):
+        raise SystemExit(f"unknown norm {kind!r} (SCHEME+groupnorm, SCHEME+autodiff)")
     saved = encoder.make_norm
-    if kind == "groupnorm":
-
-        def group_norm(_kind, name):
-            return keras.layers.GroupNormalization(groups=-1, epsilon=1e-5, name=name)
-
-        encoder.make_norm = unet.make_norm = group_norm
+    if kind:
+        encoder.make_norm = unet.make_norm = makers[kind]
     try:
         yield
     finally:

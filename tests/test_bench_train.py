@@ -19,7 +19,7 @@ def test_bench_train_prints_a_row_per_scheme(backend):
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     args = ["--patch", "16", "16", "16", "--features", "4", "8", "--rounds", "2", "--steps", "1"]
     args += ["--warmup", "1", "--schemes", "reference", "none", "global", "none@mixed_bfloat16"]
-    args += ["none+groupnorm"]
+    args += ["none+groupnorm", "none+autodiff"]
     out = subprocess.run(
         [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=300
     )
@@ -27,8 +27,11 @@ def test_bench_train_prints_a_row_per_scheme(backend):
     lines = out.stdout.splitlines()
     assert lines[0].startswith(f"backend={backend} ") and "block=plain" in lines[0]
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
-    assert list(rows) == ["reference", "none", "global", "none@mixed_bfloat16", "none+groupnorm"]
+    assert list(rows) == [
+        "reference", "none", "global", "none@mixed_bfloat16", "none+groupnorm", "none+autodiff",
+    ]  # fmt: skip
     assert rows["none+groupnorm"][0] == rows["none"][0]  # the same parameters, another norm
+    assert rows["none+autodiff"][0] == rows["none"][0]
     assert rows["reference"][-1] == "1.00"  # the speed relative to the first entry
     assert rows["reference"][0] == rows["none"][0]  # the same architecture, the same parameters
     assert int(rows["global"][0].replace(",", "")) < int(rows["none"][0].replace(",", ""))
