@@ -33,6 +33,8 @@ Usage::
 
     python scripts/bench_predict.py                  # all scenarios, best of 3 for timings
     python scripts/bench_predict.py --only cube --repeats 2
+    python scripts/bench_predict.py --only runtimes --repeats 8 \
+        --variants instancenorm_openvino_bfloat16     # the reference and one variant
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def peak_rss_mb() -> float:
 
 BLOCK = "plain"  # set by --block
 KERAS_ONLY = False  # set by --keras-only: the runtimes scenario without OpenVINO
+VARIANTS: set[str] = set()  # set by --variants: the runtimes variants to run (empty: all)
 
 
 def benchmark_network(num_classes: int = 3):
@@ -314,8 +317,10 @@ def run_runtimes(repeats: int) -> dict:
     functions, folder = {}, Path(tempfile.mkdtemp(prefix="bench_runtimes."))
     weights = None
     for label, old, runtime, precision in RUNTIME_VARIANTS:
-        if KERAS_ONLY and runtime != "keras":
-            continue
+        name = label.split()[0]
+        if (KERAS_ONLY and runtime != "keras") or (VARIANTS and name not in VARIANTS):
+            if label != RUNTIME_VARIANTS[0][0]:  # the reference always runs
+                continue
         keras.utils.set_random_seed(0)
         model = _old_norm_network() if old else benchmark_network()
         if weights is None:
@@ -382,15 +387,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (best reported)")
     parser.add_argument("--block", choices=["plain", "residual"], default="plain")
     parser.add_argument("--keras-only", action="store_true", help="runtimes: no OpenVINO")
+    names = [label.split()[0] for label, *_ in RUNTIME_VARIANTS]
+    parser.add_argument(
+        "--variants", nargs="+", choices=names, default=[],
+        help="runtimes: only these variants (and the reference), e.g. more repeats of two",
+    )  # fmt: skip
     args = parser.parse_args()
-    global BLOCK, KERAS_ONLY
-    BLOCK, KERAS_ONLY = args.block, args.keras_only
+    global BLOCK, KERAS_ONLY, VARIANTS
+    BLOCK, KERAS_ONLY, VARIANTS = args.block, args.keras_only, set(args.variants)
     if args.only:
         print(json.dumps(SCENARIOS[args.only](args.repeats)), flush=True)
         return
     for name in SCENARIOS:  # one process per scenario: clean peak-RSS numbers
         cmd = [sys.executable, __file__, "--only", name, "--repeats", str(args.repeats)]
         cmd += ["--block", args.block] + (["--keras-only"] if args.keras_only else [])
+        cmd += ["--variants", *args.variants] if args.variants else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         print(lines[-1] if lines else f"{name}: failed\n{out.stderr[-2000:]}", flush=True)
