@@ -130,8 +130,8 @@ def _group_predictor(
     runs: Sequence[TrainedRun], window: WindowSettings, options: dict[str, Any]
 ) -> Predictor:
     """One :class:`Predictor` for members sharing a plan: their averaged ``predict_fn``."""
-    volumes = [r.window_size for r in runs if r.slice_axis is None]  # a 3D member's patch first
-    window = window.with_default_roi(volumes[0] if volumes else runs[0].window_size)
+    volumes = [r for r in runs if r.slice_axis is None] or runs  # a 3D member's patch first
+    window = window.with_default_roi(volumes[0].window_size, volumes[0].window_stride)
     functions = []
     for run in runs:
         try:

@@ -56,6 +56,8 @@ class WindowSettings:
         sigma_scale: Gaussian sigma as a fraction of ``roi_size`` (nnU-Net: 1/8).
         patch_size: the model's training patch (set by :meth:`with_default_roi`); when set, a
             ``roi_size`` wider than it is fitted to each volume (:func:`fitted_roi`).
+        stride: the network's total stride per axis (set by :meth:`with_default_roi`), the
+            step of a fitted window's size; None: ``gcd(roi_size, patch_size)``.
 
     Raises:
         ValueError: quoting a bad value (checked on construction).
@@ -66,6 +68,7 @@ class WindowSettings:
     sw_batch_size: int
     sigma_scale: float
     patch_size: tuple[int, int, int] | None = None
+    stride: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         roi = check_window_args(
@@ -75,14 +78,19 @@ class WindowSettings:
             object.__setattr__(self, "roi_size", roi)
         if not float(self.sigma_scale) > 0:
             raise ValueError(f"sigma_scale must be > 0, got {self.sigma_scale!r}.")
-        if self.patch_size is not None:
-            object.__setattr__(self, "patch_size", check_window_args(self.patch_size))
+        for name in ("patch_size", "stride"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, check_window_args(getattr(self, name)))
 
-    def with_default_roi(self, patch_size: Sequence[int]) -> WindowSettings:
-        """These settings for a model trained on ``patch_size``: ``roi_size`` set to it unless
-        one was given, and a wider ``roi_size`` fitted to each volume (:func:`fitted_roi`)."""
+    def with_default_roi(
+        self, patch_size: Sequence[int], stride: Sequence[int] | None = None
+    ) -> WindowSettings:
+        """These settings for a model trained on ``patch_size`` (whose window sizes must divide
+        by ``stride``, when known): ``roi_size`` set to the patch unless one was given, and a
+        wider ``roi_size`` fitted to each volume (:func:`fitted_roi`)."""
         roi = tuple(patch_size) if self.roi_size is None else self.roi_size
-        return replace(self, roi_size=roi, patch_size=tuple(patch_size))
+        stride = None if stride is None else tuple(stride)
+        return replace(self, roi_size=roi, patch_size=tuple(patch_size), stride=stride)
 
     def roi_for(self, shape: Sequence[int]) -> tuple[int, int, int]:
         """The window for a volume of spatial ``shape``: ``roi_size``, fitted to the volume when
@@ -91,7 +99,7 @@ class WindowSettings:
             raise ValueError("roi_size is not set: call with_default_roi(patch_size) first.")
         if self.patch_size is None:
             return self.roi_size
-        return fitted_roi(shape, self.roi_size, self.patch_size)
+        return fitted_roi(shape, self.roi_size, self.patch_size, self.stride)
 
     def predict(
         self,
@@ -114,35 +122,38 @@ class WindowSettings:
 
 
 def fitted_roi(
-    shape: Sequence[int], roi_size: Sequence[int], patch_size: Sequence[int]
+    shape: Sequence[int],
+    roi_size: Sequence[int],
+    patch_size: Sequence[int],
+    stride: Sequence[int] | None = None,
 ) -> tuple[int, int, int]:
     """A window no wider than the volume needs: along each axis where ``roi_size`` exceeds both
-    the volume and the training patch, the smallest multiple of ``gcd(roi, patch)`` that covers
-    the volume, and never less than the patch.
+    the volume and the training patch, the smallest multiple of the network's ``stride`` that
+    covers the volume, and never less than the patch.
 
     A network with instance normalisation sees a window's statistics: a window mostly made of
     padding (a 2x window over a hippocampus case smaller than the patch) is far from anything
     it was trained on (Dice 0.82 -> 0.002, docs/benchmarks.md). The training patch is padded
-    only as in training; a window fitted to the volume is padded by less than ``gcd(roi,
-    patch)``. ``roi`` and ``patch`` both divide by the network's total stride, so their gcd does,
-    and so does the fitted size.
+    only as in training; a window fitted to the volume is padded by less than ``stride``.
+    Without ``stride``, ``gcd(roi, patch)`` steps (both divide by the stride, so their gcd does).
 
     Args:
         shape: the volume's spatial shape ``(D, H, W)``.
         roi_size: the window asked for.
         patch_size: the training patch.
+        stride: the network's total stride per axis, if known.
 
     Returns:
         The window, ``patch <= window <= roi`` along each axis where ``roi > patch``.
     """
+    stride = stride or [math.gcd(int(r), int(p)) for r, p in zip(roi_size, patch_size, strict=True)]
     fitted = []
-    for size, roi, patch in zip(shape, roi_size, patch_size, strict=True):
+    for size, roi, patch, unit in zip(shape, roi_size, patch_size, stride, strict=True):
         roi, patch = int(roi), int(patch)
         if size >= roi or roi <= patch:
             fitted.append(roi)
             continue
-        unit = math.gcd(roi, patch)
-        fitted.append(min(roi, max(patch, -(-int(size) // unit) * unit)))
+        fitted.append(min(roi, max(patch, -(-int(size) // int(unit)) * int(unit))))
     return tuple(fitted)
 
 

@@ -127,6 +127,18 @@ class TrainedRun:
         return volume_patch(self.patch_size, self.slice_axis)
 
     @property
+    def window_stride(self) -> tuple[int, ...] | None:
+        """The network's total stride along each axis of :attr:`window_size` (a window size must
+        divide by it), from the strides recorded in ``run.json``; None where not recorded."""
+        strides = (self.info.get("network") or {}).get("strides")
+        if not strides:
+            return None
+        total = [
+            int(np.prod([stage[axis] for stage in strides])) for axis in range(len(strides[0]))
+        ]
+        return volume_patch(total, self.slice_axis)
+
+    @property
     def in_channels(self) -> int:
         """Image channels the model takes."""
         return self.plan.in_channels
@@ -186,7 +198,7 @@ class TrainedRun:
         """
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}.")
-        window = window.with_default_roi(self.window_size)
+        window = window.with_default_roi(self.window_size, self.window_stride)
         model = self.load_model() if model is None else model
         activation = "sigmoid" if self.plan.regions else "softmax"
         if self.slice_axis is None:

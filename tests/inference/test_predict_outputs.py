@@ -116,3 +116,23 @@ def test_a_window_wider_than_the_training_patch_needs_fewer_windows(tmp_path, ru
         calls[roi[0]] = sum(count)
     np.testing.assert_array_equal(labels[48], labels[16])
     assert calls[48] == 1 and calls[16] > 20
+
+
+def test_a_run_fits_wide_windows_in_steps_of_its_network_stride(tmp_path):
+    """run.json's strides give the step of a fitted window (total stride 4 x 2 x 1 here)."""
+    import json
+
+    from segshare.inference.sliding_window import WindowSettings
+    from segshare.inference.trained_run import RUN_FILE, load_trained_run
+
+    from .conftest import make_run_dir
+
+    run_dir = make_run_dir(tmp_path / "run")
+    assert load_trained_run(run_dir).window_stride is None  # not recorded: gcd steps
+    info = json.loads((run_dir / RUN_FILE).read_text())
+    info["network"] = {"strides": [[1, 1, 1], [2, 2, 1], [2, 1, 1]]}
+    (run_dir / RUN_FILE).write_text(json.dumps(info))
+    run = load_trained_run(run_dir)
+    assert run.window_stride == (4, 2, 1)
+    predictor = run.predictor(WindowSettings([32, 32, 32], 0.5, 1, 0.125))
+    assert predictor.window.roi_for((17, 17, 40)) == (20, 18, 32)

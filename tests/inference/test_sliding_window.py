@@ -137,22 +137,25 @@ def test_window_bar_only_on_a_terminal(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "shape,roi,patch,expected",
+    "shape,roi,patch,stride,expected",
     [
-        ((35, 51, 35), (80, 112, 80), (40, 56, 40), (40, 56, 40)),  # smaller than the patch
-        ((100, 60, 200), (128, 128, 128), (64, 64, 64), (128, 64, 128)),  # between: rounded up
-        ((160, 160, 160), (128, 128, 128), (64, 64, 64), (128, 128, 128)),  # larger than roi
-        ((20, 20, 20), (48, 48, 48), (32, 32, 32), (32, 32, 32)),  # gcd 16: never below patch
-        ((40, 40, 40), (48, 48, 48), (32, 32, 32), (48, 48, 48)),  # 40 -> 48 (gcd 16)
-        ((10, 10, 10), (16, 16, 16), (16, 16, 16), (16, 16, 16)),  # the patch: padded as before
-        ((10, 10, 10), (8, 8, 8), (16, 16, 16), (8, 8, 8)),  # narrower than the patch: as asked
+        ((35, 51, 35), (80, 112, 80), (40, 56, 40), (8, 8, 8), (40, 56, 40)),  # below the patch
+        ((43, 51, 35), (80, 112, 80), (40, 56, 40), (8, 8, 8), (48, 56, 40)),  # 43 -> 48, not 80
+        ((43, 51, 35), (80, 112, 80), (40, 56, 40), None, (80, 56, 40)),  # gcd(80, 40) steps
+        ((100, 60, 200), (128, 128, 128), (64, 64, 64), (16, 16, 16), (112, 64, 128)),
+        ((100, 60, 200), (128, 128, 128), (64, 64, 64), None, (128, 64, 128)),
+        ((160, 160, 160), (128, 128, 128), (64, 64, 64), (16, 16, 16), (128, 128, 128)),
+        ((20, 20, 20), (48, 48, 48), (32, 32, 32), None, (32, 32, 32)),  # never below the patch
+        ((7, 50, 50), (1, 96, 96), (1, 64, 64), (1, 16, 16), (1, 64, 64)),  # a 2D network
+        ((10, 10, 10), (16, 16, 16), (16, 16, 16), (8, 8, 8), (16, 16, 16)),  # the patch
+        ((10, 10, 10), (8, 8, 8), (16, 16, 16), (8, 8, 8), (8, 8, 8)),  # narrower: as asked
     ],
 )
-def test_a_wide_window_is_fitted_to_the_volume(shape, roi, patch, expected):
+def test_a_wide_window_is_fitted_to_the_volume(shape, roi, patch, stride, expected):
     from segshare.inference.sliding_window import WindowSettings, fitted_roi
 
-    assert fitted_roi(shape, roi, patch) == expected
-    window = WindowSettings(roi, 0.5, 2, 0.125).with_default_roi(patch)
+    assert fitted_roi(shape, roi, patch, stride) == expected
+    window = WindowSettings(roi, 0.5, 2, 0.125).with_default_roi(patch, stride)
     assert window.roi_size == roi and window.roi_for(shape) == expected
     calls = []
 
