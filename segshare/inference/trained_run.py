@@ -129,10 +129,15 @@ class TrainedRun:
     @property
     def window_stride(self) -> tuple[int, ...] | None:
         """The network's total stride along each axis of :attr:`window_size` (a window size must
-        divide by it), from the strides recorded in ``run.json``; None where not recorded."""
-        strides = (self.info.get("network") or {}).get("strides")
-        if not strides:
+        divide by it), from the strides recorded in ``run.json`` (or, where only the widths are,
+        the encoder's default: 1 for the first stage, 2 after); None where neither is."""
+        network = self.info.get("network") or {}
+        strides, features = network.get("strides"), network.get("features")
+        if not strides and not features:
             return None
+        if not strides:
+            dims = len(self.patch_size)
+            strides = [[1] * dims] + [[2] * dims] * (len(features) - 1)
         total = [
             int(np.prod([stage[axis] for stage in strides])) for axis in range(len(strides[0]))
         ]

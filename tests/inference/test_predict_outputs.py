@@ -136,3 +136,6 @@ def test_a_run_fits_wide_windows_in_steps_of_its_network_stride(tmp_path):
     assert run.window_stride == (4, 2, 1)
     predictor = run.predictor(WindowSettings([32, 32, 32], 0.5, 1, 0.125))
     assert predictor.window.roi_for((17, 17, 40)) == (20, 18, 32)
+    info["network"] = {"features": [8, 16, 32]}  # strides not recorded: the encoder's default
+    (run_dir / RUN_FILE).write_text(json.dumps(info))
+    assert load_trained_run(run_dir).window_stride == (4, 4, 4)
