@@ -10,7 +10,7 @@ other. Models saved with ``GroupNormalization`` load (and predict) unchanged.
 
 In training (``training=True``) its gradient is the closed form of the normalisation's backward
 pass (:func:`instance_norm_with_gradient`) instead of the automatic differentiation of the forward
-ops: two reductions and five elementwise passes over the activations instead of about a dozen
+ops: two reductions and seven elementwise passes over the activations instead of about a dozen
 float32 passes: on a 2-core CPU, where the norm was a quarter of a ``mixed_bfloat16`` training
 step, the step got 6-10 % faster (docs/benchmarks.md, issue 15). The forward values come from the
 same ops either way, so inference (and the IR an optimized runtime converts) is unchanged.
