@@ -317,10 +317,11 @@ def run_runtimes(repeats: int) -> dict:
     functions, folder = {}, Path(tempfile.mkdtemp(prefix="bench_runtimes."))
     weights = None
     for label, old, runtime, precision in RUNTIME_VARIANTS:
-        name = label.split()[0]
-        if (KERAS_ONLY and runtime != "keras") or (VARIANTS and name not in VARIANTS):
-            if label != RUNTIME_VARIANTS[0][0]:  # the reference always runs
-                continue
+        left_out = (KERAS_ONLY and runtime != "keras") or (
+            VARIANTS and label.split()[0] not in VARIANTS
+        )
+        if left_out and label != RUNTIME_VARIANTS[0][0]:  # the reference always runs
+            continue
         keras.utils.set_random_seed(0)
         model = _old_norm_network() if old else benchmark_network()
         if weights is None:

@@ -131,17 +131,14 @@ class TrainedRun:
         """The network's total stride along each axis of :attr:`window_size` (a window size must
         divide by it), from the strides recorded in ``run.json`` (or, where only the widths are,
         the encoder's default: 1 for the first stage, 2 after); None where neither is."""
+        from segshare.models.unet import total_stride
+
         network = self.info.get("network") or {}
-        strides, features = network.get("strides"), network.get("features")
-        if not strides and not features:
+        stages = network.get("strides") or network.get("features")
+        if not stages:
             return None
-        if not strides:
-            dims = len(self.patch_size)
-            strides = [[1] * dims] + [[2] * dims] * (len(features) - 1)
-        total = [
-            int(np.prod([stage[axis] for stage in strides])) for axis in range(len(strides[0]))
-        ]
-        return volume_patch(total, self.slice_axis)
+        stride = total_stride(len(stages), len(self.patch_size), network.get("strides"))
+        return volume_patch(stride, self.slice_axis)
 
     @property
     def in_channels(self) -> int:

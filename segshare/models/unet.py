@@ -49,13 +49,27 @@ def check_patch_size(
     if len(patch_size) != spatial_dims:
         raise ValueError(f"patch_size must have {spatial_dims} entries, got {patch_size!r}.")
     strides = per_stage(strides, num_stages, spatial_dims, "strides", default_strides(num_stages))
-    factor = tuple(math.prod(axis) for axis in zip(*strides, strict=True))
+    factor = total_stride(num_stages, spatial_dims, strides)
     if any(p < 1 or p % f for p, f in zip(patch_size, factor, strict=True)):
         raise ValueError(
             f"patch_size {patch_size!r} must be divisible on each axis by the product of that "
             f"axis's strides, {factor!r}, for {num_stages} stages with strides "
             f"{[list(t) for t in strides]!r}."
         )
+
+
+def total_stride(
+    num_stages: int, spatial_dims: int, strides: Sequence[int | Sequence[int]] | None = None
+) -> tuple[int, ...]:
+    """The product of the strides along each axis: what every input size must divide by.
+
+    Args:
+        num_stages: Encoder stages (``len(features)``).
+        spatial_dims: 2 or 3.
+        strides: Per-stage strides as :func:`build_unet` takes them; ``None`` = ``[1, 2, 2, ...]``.
+    """
+    strides = per_stage(strides, num_stages, spatial_dims, "strides", default_strides(num_stages))
+    return tuple(math.prod(axis) for axis in zip(*strides, strict=True))
 
 
 def build_unet(
